@@ -1,0 +1,1 @@
+"""ar_jax: autoregressive sequence models in JAX/Flax."""

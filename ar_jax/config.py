@@ -1,0 +1,108 @@
+"""The defaults every experiment starts from, and the parsing of experiment arg strings.
+
+Experiment files (experiments/NAME.py) call `defaults()` and change what they need.
+Tools, sweeps and studies rely on the top-level names here: num_train_steps, batch_size,
+seed, log_every_steps, eval_every_steps, checkpoint_every_steps, model.name, data.name.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+
+from ar_jax.errors import ConfigError
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds parameter init, dropout and the data order
+  c.num_train_steps = 1000  # optimizer steps
+  c.batch_size = 32  # global batch, in sequences, summed over all devices and processes
+  c.log_every_steps = 100  # train metrics to metrics.jsonl / TensorBoard / the terminal
+  c.eval_every_steps = 500  # evaluation on data.eval_splits
+  c.eval_batches = 0  # batches per evaluation; 0 = every token of the eval splits
+  c.eval_batch_size = 0  # sequences per eval batch; 0 = batch_size
+  c.checkpoint_every_steps = 500  # asynchronous checkpoint; one is always written at the end
+  c.keep_checkpoints = 3  # the most recent checkpoints kept on disk
+  # Train steps per dispatch from the host, run in one compiled loop. More amortizes the
+  # per-call overhead (it matters on CPU); logging, eval and checkpoints still happen on time.
+  c.steps_per_dispatch = 1
+
+  c.data = ml_collections.ConfigDict()
+  # 'python_stdlib' (this interpreter's standard library sources, offline everywhere),
+  # 'files' (data.path), or the name of a TFDS dataset prepared in array_record format.
+  c.data.name = 'python_stdlib'
+  c.data.path = ''  # for 'files': a file, a directory or a glob (one document per file)
+  c.data.val_fraction = 0.1  # for files: share of one file (its end), or of files, held out
+  c.data.data_dir = ''  # TFDS data directory; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.download = False  # let TFDS download and prepare a missing dataset (needs internet)
+  c.data.text_feature = 'text'  # the TFDS feature that holds each document's text
+  c.data.train_split = 'train'
+  c.data.eval_splits = ('validation',)  # evaluated as one pool, weighted by tokens
+  c.data.tokenizer = 'byte'  # 'byte' (256 values + eos) or 'char' (built from train split)
+  c.data.seq_len = 256  # tokens per training window (the context the model learns)
+  c.data.sampling = 'random'  # 'random' windows (as nanoGPT) or 'sequential' streams
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'  # a module of ar_jax/models; the fields below are its Config
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.d_model = 128  # residual stream width
+  c.model.d_ff = 0  # MLP width; 0 = 4 * d_model
+  c.model.max_len = 256  # positions the model supports: training windows and prompt + sample
+  c.model.pos_encoding = 'learned'  # 'learned', 'sinusoidal' or 'rotary'
+  c.model.dropout = 0.0  # on embeddings, attention weights and residual branches
+  c.model.tie_embeddings = False  # output projection = input embedding transposed
+  c.model.use_bias = True  # biases in the dense layers
+  c.model.scan_layers = False  # one scanned block: faster compiles for deep models
+  c.model.remat = 'none'  # 'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
+  c.model.dtype = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay f32
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3  # peak, reached at the end of warmup
+  c.optim.min_learning_rate = 1e-4  # end of the cosine decay
+  c.optim.warmup_steps = 100  # linear warmup from 0
+  c.optim.decay_steps = 0  # cosine length in steps; 0 = num_train_steps
+  c.optim.b1 = 0.9  # AdamW first-moment decay
+  c.optim.b2 = 0.99  # AdamW second-moment decay
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # decoupled; matrices and embeddings only
+  c.optim.grad_clip_norm = 1.0  # global-norm clip; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel replicas; -1 = the devices left over
+  c.mesh.fsdp = 1  # parameter/optimizer-state shards (batch is split over it too)
+  c.mesh.tensor = 1  # tensor-parallel shards of heads, MLP and vocab
+  # Logical axis name -> mesh axes. A name not listed is replicated.
+  c.sharding_rules = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+  )
+
+  c.sample = ml_collections.ConfigDict()  # the sample written at the end of training
+  c.sample.prompt = '\n'
+  c.sample.max_new_tokens = 256  # clipped to the model's context
+  c.sample.temperature = 0.8  # 0 = greedy
+  c.sample.top_k = 0  # 0 = no top-k filter
+  return c
+
+
+def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str]]) -> dict[str, str]:
+  """'model=lstm,preset=nanogpt_cpu' -> {'model': 'lstm', 'preset': 'nanogpt_cpu'}.
+
+  Every key must be one of `choices`, and its value one of choices[key]; a key not given
+  takes the first of its choices.
+  """
+  parsed = {k: v[0] for k, v in choices.items()}
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in choices:
+      raise ConfigError(
+        f'config arg {item!r} is not KEY=VALUE with KEY one of: {", ".join(choices)}'
+      )
+    if value not in choices[key]:
+      raise ConfigError(f'config arg {key}={value!r}; allowed: {", ".join(choices[key])}')
+    parsed[key] = value
+  return parsed

@@ -1,0 +1,29 @@
+"""Data: sources (TFDS, files, the embedded corpus) -> tokenizer -> token streams -> batches."""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ar_jax.data import sources, tokenizers
+from ar_jax.data.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStreams:
+  tokenizer: Tokenizer
+  train: np.ndarray
+  eval: dict[str, np.ndarray]  # split name -> tokens; evaluation pools all splits
+
+
+def load(data: Any, tokenizer: Tokenizer | None = None) -> TokenStreams:
+  """Reads config.data's splits and tokenizes them; builds the tokenizer unless given one."""
+  docs = sources.load_splits(data, [data.train_split, *data.eval_splits])
+  if tokenizer is None:
+    tokenizer = tokenizers.build(data.tokenizer, docs[data.train_split])
+  encode = lambda split: tokenizer.encode_documents(docs[split], f'{data.name}:{split}')
+  return TokenStreams(
+    tokenizer=tokenizer,
+    train=encode(data.train_split),
+    eval={split: encode(split) for split in data.eval_splits},
+  )

@@ -1,0 +1,103 @@
+"""Character- and byte-level tokenizers, saved as JSON in the workdir."""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from ar_jax.errors import ConfigError, check
+
+KINDS = ('char', 'byte')
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """Token i is the string vocab[i]; `eos_id`, when set, separates documents.
+
+  Byte level: vocab is the 256 byte values and an end-of-sequence token. Character level:
+  the characters of the training split, and an end-of-sequence token only when that split
+  has several documents (a single text such as tiny shakespeare keeps nanoGPT's 65).
+  """
+
+  kind: str
+  vocab: tuple[str, ...]
+  eos_id: int | None
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each token stands for (0 for end-of-sequence): bits per byte counts these."""
+    if self.kind == 'byte':
+      sizes = [1] * 256
+    else:
+      sizes = [len(c.encode()) for c in self.vocab[: len(self.vocab) - (self.eos_id is not None)]]
+    return np.array(sizes + [0] * (self.eos_id is not None), np.int32)
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    if self.kind == 'byte':
+      raw = text.encode() if isinstance(text, str) else text
+      return np.frombuffer(raw, np.uint8).astype(np.int32)
+    if isinstance(text, bytes):
+      text = decode_utf8(text, 'text')
+    table = {c: i for i, c in enumerate(self.vocab) if i != self.eos_id}
+    unknown = sorted(set(text) - table.keys())
+    if unknown:
+      raise ConfigError(
+        f'character(s) {"".join(unknown)!r} are not in the vocabulary of {len(table)} '
+        f'characters built from the training split: {"".join(sorted(table))!r}'
+      )
+    return np.array([table[c] for c in text], np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids if int(i) != self.eos_id]
+    if self.kind == 'byte':
+      return bytes(ids).decode('utf-8', errors='replace')
+    return ''.join(self.vocab[i] for i in ids)
+
+  def encode_documents(self, docs: Sequence[bytes], name: str) -> np.ndarray:
+    """One token stream: the documents in order, each followed by eos when there is one."""
+    parts = []
+    for i, doc in enumerate(docs):
+      parts.append(self.encode(doc if self.kind == 'byte' else decode_utf8(doc, f'{name}[{i}]')))
+      if self.eos_id is not None:
+        parts.append(np.array([self.eos_id], np.int32))
+    tokens = np.concatenate(parts)
+    return tokens.astype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
+
+  def save(self, path: str) -> None:
+    with open(path, 'w') as f:
+      json.dump(dataclasses.asdict(self), f)
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(
+      f'{where} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}); '
+      "read it with data.tokenizer='byte' or fix the file"
+    ) from e
+
+
+def build(kind: str, train_docs: Sequence[bytes]) -> Tokenizer:
+  """A tokenizer for the training split's documents."""
+  check(kind in KINDS, f'data.tokenizer={kind!r}; allowed: {", ".join(KINDS)}')
+  if kind == 'byte':
+    return Tokenizer('byte', tuple(chr(b) for b in range(256)) + ('<eos>',), eos_id=256)
+  chars = set()
+  for i, doc in enumerate(train_docs):
+    chars.update(decode_utf8(doc, f'train[{i}]'))
+  vocab = tuple(sorted(chars))
+  if len(train_docs) > 1:
+    return Tokenizer('char', vocab + ('<eos>',), eos_id=len(vocab))
+  return Tokenizer('char', vocab, eos_id=None)
+
+
+def load(path: str) -> Tokenizer:
+  with open(path) as f:
+    d = json.load(f)
+  return Tokenizer(d['kind'], tuple(d['vocab']), d['eos_id'])

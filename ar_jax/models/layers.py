@@ -1,0 +1,156 @@
+"""Pieces shared by the model families: partitioned initialisers, positions, attention.
+
+Dimension legend: B batch, T query time, S key time (cache length), D model width,
+H heads, K head dim, F MLP width, V vocab.
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def partitioned(init, names: Sequence[str | None]):
+  """An initializer whose parameter carries logical axis names for the sharding rules."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense_init(names):
+  return partitioned(nn.initializers.normal(stddev=0.02), names)
+
+
+def zeros_init(names):
+  return partitioned(nn.initializers.zeros_init(), names)
+
+
+def ones_init(names):
+  return partitioned(nn.initializers.ones_init(), names)
+
+
+class LayerNorm(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=self.dtype,
+      scale_init=ones_init(('embed',)),
+      bias_init=zeros_init(('embed',)),
+    )(x)
+
+
+class Dense(nn.Module):
+  """y = x @ W (+ b), contracting x's last `in_dims` axes into the kernel's leading ones.
+
+  Computed as one 2-D matmul on flattened leading axes: given 3-D operands, XLA:CPU lays out
+  the weight gradient behind a transposing copy that costs more than the matmul itself.
+  """
+
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]  # logical axes of the kernel: input axes, then features
+  in_dims: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    lead, inner = x.shape[: -self.in_dims], x.shape[-self.in_dims :]
+    kernel = self.param('kernel', dense_init(self.names), (*inner, *self.features))
+    n_in, n_out = math.prod(inner), math.prod(self.features)
+    y = x.reshape(-1, n_in).astype(self.dtype) @ kernel.reshape(n_in, n_out).astype(self.dtype)
+    y = y.reshape(*lead, *self.features)
+    if self.use_bias:
+      bias = self.param('bias', zeros_init(self.names[self.in_dims :]), self.features)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def sinusoidal(positions_T: jax.Array, d: int) -> jax.Array:
+  """The seed's encoding: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same)."""
+  two_i = jnp.arange(0, d, 2, dtype=jnp.float32)
+  angle_TI = positions_T[:, None].astype(jnp.float32) / jnp.power(10000.0, two_i / d)
+  pe_TD = jnp.zeros((positions_T.shape[0], d), jnp.float32)
+  pe_TD = pe_TD.at[:, 0::2].set(jnp.sin(angle_TI))
+  return pe_TD.at[:, 1::2].set(jnp.cos(angle_TI[:, : d // 2]))
+
+
+def rotary(x_BTHK: jax.Array, positions_T: jax.Array) -> jax.Array:
+  """Rotates each (first half, second half) pair of the head dim by a position angle (RoPE)."""
+  half = x_BTHK.shape[-1] // 2
+  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_TK = positions_T[:, None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_TK)[:, None, :], jnp.cos(angle_TK)[:, None, :]
+  x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head self-attention with the mask M_ij = -inf for j > i, and an optional KV cache.
+
+  Without a cache the T tokens attend to each other. With one (k and v [B, S, H, K]), the
+  T new tokens, at consecutive positions_T, are written into it and attend to every
+  position written so far.
+  """
+
+  num_heads: int
+  rotary: bool = False
+  dropout: float = 0.0
+  deterministic: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_T, cache=None):
+    D = x_BTD.shape[-1]
+    H, K = self.num_heads, D // self.num_heads
+    # One fused projection: three small matmuls cost XLA:CPU more than one wide one.
+    qkv_BTCHK = Dense(
+      (3, H, K),
+      ('embed', 'qkv', 'heads', 'kv'),
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      name='qkv',
+    )(x_BTD)
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BTCHK[:, :, i] for i in range(3))
+    if self.rotary:
+      q_BTHK, k_BTHK = rotary(q_BTHK, positions_T), rotary(k_BTHK, positions_T)
+
+    if cache is None:
+      k_BSHK, v_BSHK, key_positions_S = k_BTHK, v_BTHK, positions_T
+      new_cache = None
+    else:
+      start = (0, positions_T[0], 0, 0)
+      k_BSHK = jax.lax.dynamic_update_slice(cache['k'], k_BTHK.astype(cache['k'].dtype), start)
+      v_BSHK = jax.lax.dynamic_update_slice(cache['v'], v_BTHK.astype(cache['v'].dtype), start)
+      key_positions_S = jnp.arange(k_BSHK.shape[1])
+      new_cache = {'k': k_BSHK, 'v': v_BSHK}
+
+    scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK.astype(self.dtype)) / jnp.sqrt(
+      jnp.asarray(K, self.dtype)
+    )
+    mask_TS = key_positions_S[None, :] <= positions_T[:, None]
+    # Softmax in float32 whatever the compute dtype.
+    scores_BHTS = jnp.where(mask_TS, scores_BHTS.astype(jnp.float32), -jnp.inf)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
+    probs_BHTS = nn.Dropout(self.dropout)(probs_BHTS, deterministic=self.deterministic)
+    out_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS, v_BSHK.astype(self.dtype))
+    out_BTD = Dense(
+      (D,),
+      ('heads', 'kv', 'embed'),
+      in_dims=2,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      name='out',
+    )(out_BTHK)
+    return out_BTD, new_cache
+
+
+def init_kv_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, dtype) -> dict:
+  shape = (batch_size, max_len, num_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}

@@ -1,0 +1,219 @@
+"""A causal decoder-only transformer (pre-LayerNorm, GELU MLP) with a KV cache.
+
+Dimension legend: B batch, T time, S cache length, D model width, H heads, K head dim,
+F MLP width, V vocab, L layers.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ar_jax.errors import check
+from ar_jax.models import layers
+
+POS_ENCODINGS = ('learned', 'sinusoidal', 'rotary')
+REMAT_POLICIES = {
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int
+  num_layers: int = 4
+  num_heads: int = 4
+  d_model: int = 128
+  d_ff: int = 0  # 0 means 4 * d_model
+  max_len: int = 256  # the context: the most positions a sequence (prompt + sample) may have
+  pos_encoding: str = 'learned'
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+  use_bias: bool = True
+  scan_layers: bool = False
+  remat: str = 'none'
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'max_len'):
+      check(getattr(self, name) > 0, f'model.{name} must be positive, got {getattr(self, name)}')
+    check(
+      self.d_model % self.num_heads == 0,
+      f'model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}',
+    )
+    check(
+      self.pos_encoding in POS_ENCODINGS,
+      f'model.pos_encoding={self.pos_encoding!r}; allowed: {", ".join(POS_ENCODINGS)}',
+    )
+    check(
+      self.pos_encoding != 'rotary' or (self.d_model // self.num_heads) % 2 == 0,
+      f'rotary positions need an even head dim, got {self.d_model // self.num_heads}',
+    )
+    check(
+      self.remat in REMAT_POLICIES,
+      f'model.remat={self.remat!r}; allowed: {", ".join(REMAT_POLICIES)}',
+    )
+    check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
+    check(
+      self.dtype in ('float32', 'bfloat16', 'float16'),
+      f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
+    )
+
+  @property
+  def ff_width(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+
+class Block(nn.Module):
+  """x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, new layer cache)."""
+
+  config: Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, cache, positions_T):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    h_BTD, cache = layers.CausalSelfAttention(
+      num_heads=cfg.num_heads,
+      rotary=cfg.pos_encoding == 'rotary',
+      dropout=cfg.dropout,
+      deterministic=self.deterministic,
+      use_bias=cfg.use_bias,
+      dtype=dtype,
+      name='attn',
+    )(layers.LayerNorm(dtype, name='ln_attn')(x_BTD), positions_T, cache)
+    x_BTD = x_BTD + drop(h_BTD)
+    mlp_in = layers.Dense(
+      (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_in'
+    )
+    mlp_out = layers.Dense(
+      (cfg.d_model,), ('mlp', 'embed'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_out'
+    )
+    h_BTD = mlp_out(nn.gelu(mlp_in(layers.LayerNorm(dtype, name='ln_mlp')(x_BTD))))
+    x_BTD = x_BTD + drop(h_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    return x_BTD, cache
+
+
+class Model(nn.Module):
+  """The model contract: __call__ for teacher forcing, init_cache + step for decoding."""
+
+  config: Config
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=layers.partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')),
+      name='embed',
+    )
+    if cfg.pos_encoding == 'learned':
+      self.pos_embed = self.param(
+        'pos_embed',
+        layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
+        (cfg.max_len, cfg.d_model),
+      )
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.blocks = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(cfg, self.deterministic, name='blocks')
+    else:
+      self.blocks = [
+        block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)
+      ]
+    self.ln_out = layers.LayerNorm(jnp.dtype(cfg.dtype))
+    if not cfg.tie_embeddings:
+      self.head = layers.Dense(
+        (cfg.vocab_size,),
+        ('embed', 'vocab'),
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        name='head',
+      )
+    self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+
+  def _forward(self, tokens_BT, positions_T, layer_caches):
+    cfg = self.config
+    x_BTD = self.embed(tokens_BT)
+    if cfg.pos_encoding == 'learned':
+      x_BTD = x_BTD + jnp.take(self.pos_embed, positions_T, axis=0)
+    elif cfg.pos_encoding == 'sinusoidal':
+      x_BTD = x_BTD + layers.sinusoidal(positions_T, cfg.d_model)
+    # A zero-valued hook: tests differentiate the logits with respect to the embeddings here.
+    x_BTD = self.perturb('embeddings', x_BTD)
+    x_BTD = self.dropout(x_BTD).astype(jnp.dtype(cfg.dtype))
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    if cfg.scan_layers:
+      x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions_T)
+    else:
+      new_caches = []
+      for i, block in enumerate(self.blocks):
+        x_BTD, c = block(x_BTD, None if layer_caches is None else layer_caches[i], positions_T)
+        new_caches.append(c)
+    x_BTD = self.ln_out(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = x_BTD.reshape(-1, cfg.d_model) @ self.embed.embedding.T.astype(x_BTD.dtype)
+      logits_BTV = logits_BTV.reshape(*x_BTD.shape[:2], cfg.vocab_size)
+    else:
+      logits_BTV = self.head(x_BTD)
+    # Softmax and loss always see float32 logits.
+    return logits_BTV.astype(jnp.float32), new_caches
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    """Teacher forcing: logits_BTV where position t has seen tokens <= t only."""
+    T = tokens_BT.shape[1]
+    check(
+      self.config.max_len >= T, f'sequence length {T} exceeds model.max_len={self.config.max_len}'
+    )
+    return self._forward(tokens_BT, jnp.arange(T), None)[0]
+
+  def step(self, tokens_BT: jax.Array, cache: dict[str, Any]):
+    """Cached decoding: feeds T new tokens (a prefill, or T = 1) and returns (logits_BTV, cache)."""
+    T = tokens_BT.shape[1]
+    positions_T = cache['index'] + jnp.arange(T)
+    logits_BTV, layer_caches = self._forward(tokens_BT, positions_T, cache['layers'])
+    return logits_BTV, {'index': cache['index'] + T, 'layers': layer_caches}
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict[str, Any]:
+    """An empty cache for batch_size sequences of at most max_len positions."""
+    cfg = self.config
+    check(max_len <= cfg.max_len, f'{max_len} positions exceed model.max_len={cfg.max_len}')
+    H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
+    one = layers.init_kv_cache(batch_size, max_len, H, K, jnp.dtype(cfg.dtype))
+    if cfg.scan_layers:
+      stacked = jax.tree.map(lambda a: jnp.stack([a] * cfg.num_layers), one)
+    else:
+      stacked = [dict(one) for _ in range(cfg.num_layers)]
+    return {'index': jnp.array(0, jnp.int32), 'layers': stacked}
+
+  @property
+  def max_len(self) -> int:
+    return self.config.max_len
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token at this sequence length, counting matmuls as executed.
+
+    Attention is computed densely (all T x T scores, then masked), so it costs
+    4 * T * D per token per layer; training costs three times the forward.
+    """
+    cfg = self.config
+    D, F, V, L = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.num_layers
+    per_layer = 2 * (3 * D * D + D * D + 2 * D * F) + 4 * seq_len * D
+    return float(L * per_layer + 2 * D * V)

@@ -1,0 +1,54 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+from typing import Any
+
+import jax
+import optax
+
+from ar_jax.errors import check
+
+NO_DECAY = ('bias', 'scale', 'pos_embed')
+
+
+def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
+  """0 -> learning_rate over warmup_steps, then cosine down to min_learning_rate at decay_steps."""
+  decay_steps = optim.decay_steps or num_train_steps
+  check(
+    0 <= optim.warmup_steps < decay_steps,
+    f'optim.warmup_steps={optim.warmup_steps} must be >= 0 and below the {decay_steps} decay steps',
+  )
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=optim.learning_rate,
+    warmup_steps=optim.warmup_steps,
+    decay_steps=decay_steps,
+    end_value=optim.min_learning_rate,
+  )
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and embeddings only, never on biases or norm scales (as nanoGPT).
+
+  Decided by parameter name, not rank: with scanned layers a bias has a layer axis too.
+  """
+
+  def name(path):  # the innermost dict key: boxes for logical axes add attribute keys
+    return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: name(path) not in NO_DECAY, params)
+
+
+def make_optimizer(optim: Any, num_train_steps: int) -> optax.GradientTransformation:
+  check(optim.learning_rate > 0, f'optim.learning_rate must be positive, got {optim.learning_rate}')
+  check(optim.grad_clip_norm >= 0, f'optim.grad_clip_norm must be >= 0, got {optim.grad_clip_norm}')
+  adamw = optax.adamw(
+    schedule(optim, num_train_steps),
+    b1=optim.b1,
+    b2=optim.b2,
+    eps=optim.eps,
+    weight_decay=optim.weight_decay,
+    mask=_decay_mask,
+  )
+  if optim.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+  return adamw

@@ -1,0 +1,74 @@
+"""The device mesh and the logical-axis rules that place parameters and batches on it."""
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ar_jax.errors import check
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh. One size may be -1: the devices left over.
+
+  Without a -1 the mesh takes the first data * fsdp * tensor devices, so a run can use
+  fewer devices than the host has (one device on an 8-device host: sizes 1, 1, 1).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(mesh_config[a]) for a in AXES]
+  described = ', '.join(f'{a}={s}' for a, s in zip(AXES, sizes, strict=True))
+  check(all(s == -1 or s > 0 for s in sizes), f'mesh sizes must be positive or -1: {described}')
+  check(sizes.count(-1) <= 1, f'at most one mesh size may be -1: {described}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    check(
+      len(devices) % known == 0,
+      f'mesh {described}: {len(devices)} devices are not divisible by {known}',
+    )
+    sizes[sizes.index(-1)] = len(devices) // known
+  check(
+    math.prod(sizes) <= len(devices),
+    f'mesh {described} needs {math.prod(sizes)} devices; {len(devices)} are present',
+  )
+  return jax.make_mesh(
+    sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[: math.prod(sizes)]
+  )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+  """Batches [..., B, T] sharded on B over (data, fsdp); `leading_dims` dims before B."""
+  return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for a tree whose leaves are boxed with logical axis names."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+
+
+@contextlib.contextmanager
+def context(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+  """Mesh and rules in scope, so nn.with_logical_constraint resolves activations' names."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in rules]):
+    yield
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """This process's rows -> one global array, split over the batch axes of the mesh."""
+  return jax.make_array_from_process_local_data(sharding, local)

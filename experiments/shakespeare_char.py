@@ -1,0 +1,60 @@
+"""Character-level tiny shakespeare, as nanoGPT's shakespeare_char.
+
+  python -m ar_jax.main --config=experiments/shakespeare_char.py:preset=nanogpt_cpu \
+      --workdir=workdirs/shakespeare_cpu
+
+Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups), model=transformer.
+Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
+validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
+"""
+
+from ar_jax.config import defaults, parse_arg
+
+CHOICES = {'preset': ('nanogpt_cpu', 'nanogpt_gpu'), 'model': ('transformer',)}
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, CHOICES)
+  c = defaults()
+  c.data.name = 'tiny_shakespeare'
+  c.data.tokenizer = 'char'  # 65 characters, as nanoGPT's meta.pkl
+  c.data.eval_splits = ('validation', 'test')  # = nanoGPT's val split (the last 10%)
+  c.model.name = args['model']
+  # nanoGPT's GPT: learned positions, no biases, output projection tied to the embedding.
+  c.model.pos_encoding = 'learned'
+  c.model.use_bias = False
+  c.model.tie_embeddings = True
+  c.optim.learning_rate = 1e-3  # nanoGPT: "with baby networks can afford to go a bit higher"
+  c.optim.min_learning_rate = 1e-4  # learning_rate / 10
+  c.optim.warmup_steps = 100
+  c.optim.b2 = 0.99  # "make a bit bigger because number of tokens per iter is small"
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip_norm = 1.0
+  c.sample.max_new_tokens = 500  # clipped to the context
+
+  if args['preset'] == 'nanogpt_cpu':
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.d_model = 128
+    c.model.dropout = 0.0
+    c.data.seq_len = 64  # nanoGPT's block_size
+    c.model.max_len = 64
+    c.batch_size = 12
+    c.num_train_steps = 2000  # = lr_decay_iters: the cosine ends with the run
+    c.steps_per_dispatch = 10  # a 2-core CPU spends much of a small step in dispatch
+    c.log_every_steps = 100
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 1000
+  else:  # nanogpt_gpu
+    c.model.num_layers = 6
+    c.model.num_heads = 6
+    c.model.d_model = 384
+    c.model.dropout = 0.2
+    c.data.seq_len = 256
+    c.model.max_len = 256
+    c.batch_size = 64
+    c.num_train_steps = 5000
+    c.log_every_steps = 100
+    c.eval_every_steps = 250  # nanoGPT's eval_interval
+    c.checkpoint_every_steps = 1000
+  return c
