@@ -4,7 +4,7 @@ import logging as py_logging
 import sys
 from collections.abc import Callable
 
-from absl import logging
+from absl import flags, logging
 
 from ar_jax.errors import ConfigError
 
@@ -24,3 +24,27 @@ def run(fn: Callable[[], None]) -> None:
     fn()
   except ConfigError as e:
     sys.exit(f'error: {e}')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or --config override reported in one line.
+
+  Config files are loaded and overrides applied while parsing: an unknown key (the config
+  is locked), a value of the wrong type or a bad config arg surfaces here.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ConfigError, KeyError, ValueError, TypeError, AttributeError) as e:
+    sys.exit(f'error: {_message(e)}')
+
+
+def _message(e: BaseException) -> str:
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:
+    # config_flags folds the config file's exception into its message as a traceback; its
+    # last line is "module.ExceptionType: message".
+    return text.strip().splitlines()[-1].split(': ', 1)[-1]
+  if isinstance(e.__context__, KeyError) or isinstance(e, KeyError):
+    key = (e.__context__ or e).args[0]  # the locked config refuses a key it does not have
+    return f'a --config override names a field the config does not have: {key}'
+  return text

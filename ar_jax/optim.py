@@ -7,7 +7,7 @@ import optax
 
 from ar_jax.errors import check
 
-NO_DECAY = ('bias', 'scale', 'pos_embed')
+NO_DECAY = ('bias', 'scale')
 
 
 def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
@@ -27,7 +27,8 @@ def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and embeddings only, never on biases or norm scales (as nanoGPT).
+  """Weight decay on matrices and embeddings (positions too), never on biases or norm scales,
+  as nanoGPT does.
 
   Decided by parameter name, not rank: with scanned layers a bias has a layer axis too.
   """

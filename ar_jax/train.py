@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch_BT: jax.Array, *, model, tx, seed: int):
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def train_steps(state: TrainState, batches_KBT: jax.Array, **step_kwargs):
@@ -226,7 +226,7 @@ class Trainer:
 
   def evaluate(self, params) -> dict[str, float]:
     cfg = self.run.config
-    totals = {'nats': 0.0, 'tokens': 0.0, 'bytes': 0.0}
+    sums = []
     with sharding.context(self.run.mesh, cfg.sharding_rules):
       for tokens in self.run.streams.eval.values():
         for batch, weights in pipeline.eval_batches(
@@ -237,14 +237,19 @@ class Trainer:
           process_index=jax.process_index(),
           process_count=jax.process_count(),
         ):
-          sums = self._eval(
-            params,
-            sharding.global_batch(batch, self.batch_sharding),
-            sharding.global_batch(weights, self.batch_sharding),
-            self._token_bytes,
+          sums.append(
+            self._eval(
+              params,
+              sharding.global_batch(batch, self.batch_sharding),
+              sharding.global_batch(weights, self.batch_sharding),
+              self._token_bytes,
+            )
           )
-          for k, v in jax.device_get(sums).items():
-            totals[k] += float(v)
+    # One transfer at the end keeps the batches in flight; float64 for the totals.
+    totals = {
+      k: float(np.sum(v, dtype=np.float64))
+      for k, v in jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(sums)).items()
+    }
     loss = totals['nats'] / totals['tokens']
     out = {
       'eval/loss': loss,

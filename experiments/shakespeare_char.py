@@ -20,8 +20,11 @@ def get_config(arg: str | None = None):
   c.data.tokenizer = 'char'  # 65 characters, as nanoGPT's meta.pkl
   c.data.eval_splits = ('validation', 'test')  # = nanoGPT's val split (the last 10%)
   c.model.name = args['model']
-  # nanoGPT's GPT: learned positions, no biases, output projection tied to the embedding.
-  c.model.pos_encoding = 'learned'
+  # nanoGPT's GPT (no biases, output projection tied to the embedding) with one change:
+  # rotary positions instead of learned ones. On the CPU preset they lower the val loss
+  # from 1.90 to 1.79 (bench/nanogpt_cpu.py); --config.model.pos_encoding=learned gives
+  # nanoGPT's exact architecture.
+  c.model.pos_encoding = 'rotary'
   c.model.use_bias = False
   c.model.tie_embeddings = True
   c.optim.learning_rate = 1e-3  # nanoGPT: "with baby networks can afford to go a bit higher"
@@ -30,31 +33,32 @@ def get_config(arg: str | None = None):
   c.optim.b2 = 0.99  # "make a bit bigger because number of tokens per iter is small"
   c.optim.weight_decay = 0.1
   c.optim.grad_clip_norm = 1.0
-  c.sample.max_new_tokens = 500  # clipped to the context
+  c.sample.max_new_tokens = 500  # clipped to the context (63 for the CPU preset)
 
   if args['preset'] == 'nanogpt_cpu':
-    c.model.num_layers = 4
+    c.model.num_layers = 4  # 0.8M parameters
     c.model.num_heads = 4
     c.model.d_model = 128
-    c.model.dropout = 0.0
+    c.model.dropout = 0.0  # too small and short a run to overfit
     c.data.seq_len = 64  # nanoGPT's block_size
-    c.model.max_len = 64
-    c.batch_size = 12
+    c.model.max_len = 64  # = block_size: samples stay inside the trained positions
+    c.batch_size = 12  # 768 tokens per step
     c.num_train_steps = 2000  # = lr_decay_iters: the cosine ends with the run
     c.steps_per_dispatch = 10  # a 2-core CPU spends much of a small step in dispatch
-    c.log_every_steps = 100
-    c.eval_every_steps = 500
+    c.log_every_steps = 100  # nanoGPT logs every step; 100 keeps the host out of the loop
+    c.eval_every_steps = 500  # a full pass over val + test (111k characters) each time
     c.checkpoint_every_steps = 1000
   else:  # nanogpt_gpu
-    c.model.num_layers = 6
+    c.model.num_layers = 6  # 10.7M parameters
     c.model.num_heads = 6
     c.model.d_model = 384
-    c.model.dropout = 0.2
-    c.data.seq_len = 256
+    c.model.dropout = 0.2  # nanoGPT: this model overfits tiny shakespeare without it
+    c.data.seq_len = 256  # nanoGPT's block_size
     c.model.max_len = 256
-    c.batch_size = 64
-    c.num_train_steps = 5000
+    c.batch_size = 64  # 16,384 tokens per step
+    c.num_train_steps = 5000  # = lr_decay_iters
+    c.model.dtype = 'bfloat16'  # compute dtype on accelerators; params and loss stay f32
     c.log_every_steps = 100
     c.eval_every_steps = 250  # nanoGPT's eval_interval
-    c.checkpoint_every_steps = 1000
+    c.checkpoint_every_steps = 1000  # minutes apart on one GPU
   return c

@@ -6,6 +6,7 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,7 +28,19 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture
 def text_file(tmp_path) -> pathlib.Path:
   """A small English-like text file for fast end-to-end runs."""
-  words = 'the quick brown fox jumps over the lazy dog and runs far away from home'.split()
+  words = [
+    'the',
+    'quick',
+    'brown',
+    'fox',
+    'jumps',
+    'over',
+    'the',
+    'lazy',
+    'dog',
+    'and',
+    'runs',
+  ]
   lines = [' '.join(words[i % 7 :] + words[: i % 7]) for i in range(400)]
   path = tmp_path / 'corpus.txt'
   path.write_text('\n'.join(lines) + '\n')
@@ -61,3 +74,7 @@ def tiny_config(path: pathlib.Path | str = '', **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def read_jsonl(path) -> list[dict]:
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]

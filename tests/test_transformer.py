@@ -108,3 +108,13 @@ def test_sequence_longer_than_context_is_refused():
   model, params, _ = make(max_len=12)
   with pytest.raises(ConfigError, match='sequence length 16 exceeds model.max_len=12'):
     model.apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  model, params, tokens = make()
+  bf16, _, _ = make(dtype='bfloat16')
+  full = model.apply({'params': params}, tokens)
+  half = bf16.apply({'params': params}, tokens)
+  assert half.dtype == jnp.float32  # logits, softmax and loss stay float32
+  np.testing.assert_allclose(half, full, atol=0.05)
+  assert not np.allclose(half, full, atol=1e-6)  # the compute really ran in bfloat16

@@ -19,8 +19,8 @@ def partitioned(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
-def dense_init(names):
-  return partitioned(nn.initializers.normal(stddev=0.02), names)
+def dense_init(names, stddev: float = 0.02):
+  return partitioned(nn.initializers.normal(stddev=stddev), names)
 
 
 def zeros_init(names):
@@ -31,17 +31,16 @@ def ones_init(names):
   return partitioned(nn.initializers.ones_init(), names)
 
 
-class LayerNorm(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.LayerNorm(
-      epsilon=1e-5,
-      dtype=self.dtype,
-      scale_init=ones_init(('embed',)),
-      bias_init=zeros_init(('embed',)),
-    )(x)
+def layer_norm(dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the embed axis; without a bias when the model has none (as nanoGPT)."""
+  return nn.LayerNorm(
+    epsilon=1e-5,
+    dtype=dtype,
+    use_bias=use_bias,
+    scale_init=ones_init(('embed',)),
+    bias_init=zeros_init(('embed',)),
+    name=name,
+  )
 
 
 class Dense(nn.Module):
@@ -55,12 +54,14 @@ class Dense(nn.Module):
   names: tuple[str | None, ...]  # logical axes of the kernel: input axes, then features
   in_dims: int = 1
   use_bias: bool = True
+  init_std: float = 0.02
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     lead, inner = x.shape[: -self.in_dims], x.shape[-self.in_dims :]
-    kernel = self.param('kernel', dense_init(self.names), (*inner, *self.features))
+    init = dense_init(self.names, self.init_std)
+    kernel = self.param('kernel', init, (*inner, *self.features))
     n_in, n_out = math.prod(inner), math.prod(self.features)
     y = x.reshape(-1, n_in).astype(self.dtype) @ kernel.reshape(n_in, n_out).astype(self.dtype)
     y = y.reshape(*lead, *self.features)
@@ -103,6 +104,7 @@ class CausalSelfAttention(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   use_bias: bool = True
+  out_init_std: float = 0.02
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -145,6 +147,7 @@ class CausalSelfAttention(nn.Module):
       ('heads', 'kv', 'embed'),
       in_dims=2,
       use_bias=self.use_bias,
+      init_std=self.out_init_std,
       dtype=self.dtype,
       name='out',
     )(out_BTHK)

@@ -1,10 +1,11 @@
-"""A causal decoder-only transformer (pre-LayerNorm, GELU MLP) with a KV cache.
+"""A causal decoder-only transformer (pre-LayerNorm, GELU MLP, as GPT-2) with a KV cache.
 
 Dimension legend: B batch, T time, S cache length, D model width, H heads, K head dim,
 F MLP width, V vocab, L layers.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -80,23 +81,34 @@ class Block(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    # GPT-2: projections into the residual stream start smaller, so its variance does not
+    # grow with depth.
+    residual_std = 0.02 / math.sqrt(2 * cfg.num_layers)
     h_BTD, cache = layers.CausalSelfAttention(
       num_heads=cfg.num_heads,
       rotary=cfg.pos_encoding == 'rotary',
       dropout=cfg.dropout,
       deterministic=self.deterministic,
       use_bias=cfg.use_bias,
+      out_init_std=residual_std,
       dtype=dtype,
       name='attn',
-    )(layers.LayerNorm(dtype, name='ln_attn')(x_BTD), positions_T, cache)
+    )(layers.layer_norm(dtype, cfg.use_bias, 'ln_attn')(x_BTD), positions_T, cache)
     x_BTD = x_BTD + drop(h_BTD)
     mlp_in = layers.Dense(
       (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_in'
     )
     mlp_out = layers.Dense(
-      (cfg.d_model,), ('mlp', 'embed'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_out'
+      (cfg.d_model,),
+      ('mlp', 'embed'),
+      use_bias=cfg.use_bias,
+      init_std=residual_std,
+      dtype=dtype,
+      name='mlp_out',
     )
-    h_BTD = mlp_out(nn.gelu(mlp_in(layers.LayerNorm(dtype, name='ln_mlp')(x_BTD))))
+    ln_mlp = layers.layer_norm(dtype, cfg.use_bias, 'ln_mlp')
+    # GELU's tanh form: XLA:CPU runs the whole train step 13% slower with the erf form.
+    h_BTD = mlp_out(nn.gelu(mlp_in(ln_mlp(x_BTD)), approximate=True))
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     return x_BTD, cache
@@ -138,7 +150,7 @@ class Model(nn.Module):
       self.blocks = [
         block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)
       ]
-    self.ln_out = layers.LayerNorm(jnp.dtype(cfg.dtype))
+    self.ln_out = layers.layer_norm(jnp.dtype(cfg.dtype), cfg.use_bias)
     if not cfg.tie_embeddings:
       self.head = layers.Dense(
         (cfg.vocab_size,),

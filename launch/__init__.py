@@ -1,0 +1,1 @@
+"""Launchers: sweeps, multi-process and cluster entry points (python -m launch.NAME)."""

@@ -1,0 +1,153 @@
+"""The command line, end to end, in subprocesses with one CPU device (as a user runs it)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl
+
+# The quickstart config, shrunk to seconds. The cosine length is fixed (decay_steps) so a
+# run stopped at step 4 and resumed to 8 has the same schedule as one run straight to 8.
+SHRINK = [
+  '--config.num_train_steps=8',
+  '--config.optim.decay_steps=8',
+  '--config.optim.warmup_steps=2',
+  '--config.model.num_layers=1',
+  '--config.model.d_model=32',
+  '--config.model.num_heads=2',
+  '--config.model.max_len=64',
+  '--config.data.seq_len=32',
+  '--config.batch_size=4',
+  '--config.log_every_steps=2',
+  '--config.eval_every_steps=4',
+  '--config.eval_batches=2',
+  '--config.checkpoint_every_steps=4',
+  '--config.steps_per_dispatch=2',
+  '--config.sample.max_new_tokens=16',
+]
+
+
+def ar_jax(module, *args, check=True):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
+  out = subprocess.run(
+    [sys.executable, '-m', f'ar_jax.{module}', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def train_cli(workdir, *extra, config='experiments/quickstart.py', check=True):
+  return ar_jax('main', f'--config={config}', f'--workdir={workdir}', *SHRINK, *extra, check=check)
+
+
+def losses(workdir):
+  lines = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {m['step']: m['train/loss'] for m in lines if 'train/loss' in m}
+
+
+@pytest.fixture(scope='module')
+def resumed_run(tmp_path_factory):
+  """Quickstart stopped at step 4, then started again with the same workdir to step 8."""
+  workdir = str(tmp_path_factory.mktemp('resumed'))
+  train_cli(workdir, '--config.num_train_steps=4')
+  train_cli(workdir)
+  return workdir
+
+
+def test_resumed_run_equals_uninterrupted_run(resumed_run, tmp_path):
+  straight = str(tmp_path / 'straight')
+  train_cli(straight)
+  assert sorted(losses(resumed_run)) == [2, 4, 6, 8]
+  assert losses(resumed_run) == losses(straight)  # bit for bit
+
+
+def test_workdir_holds_the_run(resumed_run):
+  names = set(os.listdir(resumed_run))
+  assert {
+    'config.json',
+    'tokenizer.json',
+    'metrics.jsonl',
+    'samples.txt',
+    'checkpoints',
+    'tensorboard',
+  } <= names
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(f'{resumed_run}/tensorboard'))
+  steps = sorted(int(s) for s in os.listdir(f'{resumed_run}/checkpoints') if s.isdigit())
+  assert steps == [4, 8]
+  logged = read_jsonl(f'{resumed_run}/metrics.jsonl')
+  keys = set().union(*logged)
+  assert {
+    'train/loss',
+    'train/tokens_per_sec',
+    'train/mfu',
+    'eval/loss',
+    'eval/bits_per_byte',
+  } <= keys
+  evals = [m for m in logged if 'eval/loss' in m]
+  assert [m['step'] for m in evals] == [4, 8]
+  assert evals[0]['eval/bits_per_byte'] == pytest.approx(evals[0]['eval/loss'] / 0.6931471805599453)
+  assert pathlib.Path(resumed_run, 'samples.txt').read_text().count('=== step') == 2
+
+
+def test_sample_cli_continues_the_prompt(resumed_run):
+  args = [f'--workdir={resumed_run}', '--prompt=def ', '--max_new_tokens=20']
+  greedy = ar_jax('sample', *args, '--temperature=0').stdout
+  assert greedy.startswith('def ')
+  assert greedy == ar_jax('sample', *args, '--temperature=0', '--seed=5').stdout
+  sampled = [ar_jax('sample', *args, '--top_k=5', f'--seed={s}').stdout for s in (0, 0, 1)]
+  assert sampled[0] == sampled[1] and sampled[0].startswith('def ')
+
+
+def test_sampling_past_the_context_is_one_clear_error(resumed_run):
+  out = ar_jax(
+    'sample', f'--workdir={resumed_run}', '--prompt=def ', '--max_new_tokens=100', check=False
+  )
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert "exceeds the model's context of 64 positions" in out.stderr
+
+
+def test_prompt_outside_the_vocabulary_is_named(tmp_path, text_file):
+  workdir = str(tmp_path / 'chars')
+  train_cli(
+    workdir,
+    '--config.data.name=files',
+    f'--config.data.path={text_file}',
+    '--config.data.tokenizer=char',
+    '--config.num_train_steps=2',
+  )
+  out = ar_jax('sample', f'--workdir={workdir}', '--prompt=Zebra!', check=False)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert "character(s) '!Z' are not in the vocabulary" in out.stderr
+
+
+@pytest.mark.parametrize(
+  'extra, message',
+  [
+    (['--config.model.depth=3'], 'depth'),  # not a key of the locked config
+    (['--config.batch_size=many'], 'batch_size'),
+    (['--config.mesh.data=3'], 'mesh data=3, fsdp=1, tensor=1 needs 3 devices; 1 are present'),
+  ],
+)
+def test_bad_command_lines_fail_with_one_message(tmp_path, extra, message):
+  out = train_cli(str(tmp_path / 'bad'), *extra, check=False)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert 'Traceback' not in out.stderr
+  assert not (tmp_path / 'bad').exists()
+
+
+def test_bad_config_arg_is_named(tmp_path):
+  out = train_cli(
+    str(tmp_path / 'bad'), config='experiments/shakespeare_char.py:preset=tiny', check=False
+  )
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert "preset='tiny'; allowed: nanogpt_cpu, nanogpt_gpu" in out.stderr

@@ -1,0 +1,138 @@
+import jax
+import numpy as np
+import pytest
+
+from ar_jax import optim, train
+from ar_jax.data import pipeline
+from ar_jax.errors import ConfigError
+from tests.conftest import read_jsonl, tiny_config
+
+
+def one_step(cfg, workdir):
+  run = train.setup(cfg, str(workdir))
+  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  state = train.init_state(run, shardings)
+  batch = next(
+    pipeline.train_iterator(
+      run.streams.train,
+      batch_size=cfg.batch_size,
+      seq_len=cfg.data.seq_len,
+      seed=0,
+      sampling='random',
+    )
+  )
+  trainer = train.Trainer(run, shardings)
+  state, metrics = trainer.train(state, batch[None])
+  return state, float(metrics['loss'][0]), shardings
+
+
+def test_data_parallel_step_on_8_devices_equals_1_device(text_file, tmp_path):
+  assert jax.device_count() == 8
+  s1, loss1, _ = one_step(tiny_config(text_file), tmp_path / 'a')
+  s8, loss8, shardings = one_step(tiny_config(text_file, **{'mesh.data': -1}), tmp_path / 'b')
+  assert loss1 == pytest.approx(loss8, rel=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s8.params
+  )
+  assert shardings.params['embed']['embedding'].mesh.shape['data'] == 8
+  assert int(s8.step) == 1
+
+
+def test_params_are_sharded_by_the_rules(text_file, tmp_path):
+  cfg = tiny_config(text_file, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  state, _, _ = one_step(cfg, tmp_path)
+  spec = lambda x: tuple(x.sharding.spec)
+  assert spec(state.params['embed']['embedding']) == ('tensor', 'fsdp')  # (vocab, embed)
+  assert spec(state.params['block_0']['mlp_in']['kernel']) == ('fsdp', 'tensor')  # (embed, mlp)
+  assert spec(state.params['block_0']['attn']['qkv']['kernel']) == ('fsdp', None, 'tensor', None)
+  mu = state.opt_state[1][0].mu  # AdamW's first moment follows its parameter
+  assert spec(mu['block_0']['mlp_in']['kernel']) == ('fsdp', 'tensor')
+
+
+def test_chunks_stop_at_every_log_eval_and_checkpoint_step():
+  cfg = tiny_config(
+    num_train_steps=25,
+    steps_per_dispatch=4,
+    log_every_steps=10,
+    eval_every_steps=7,
+    checkpoint_every_steps=100,
+  )
+  sizes = train.chunk_sizes(0, cfg)
+  ends = np.cumsum(sizes).tolist()
+  assert ends[-1] == 25 and max(sizes) == 4
+  assert {7, 10, 14, 20, 21} <= set(ends)
+  resumed = train.chunk_sizes(14, cfg)  # a resumed run cuts the rest the same way
+  assert (14 + np.cumsum(resumed)).tolist() == [e for e in ends if e > 14]
+
+
+def test_weight_decay_skips_biases_and_norms():
+  params = {'block': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}, 'ln': {'scale': np.ones(2)}}
+  mask = optim._decay_mask(params)
+  assert mask == {'block': {'kernel': True, 'bias': False}, 'ln': {'scale': False}}
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+  cfg = tiny_config(
+    **{'optim.warmup_steps': 10, 'optim.learning_rate': 1e-3, 'optim.min_learning_rate': 1e-4}
+  )
+  lr = optim.schedule(cfg.optim, 100)
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(5e-4)
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(100)) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    (
+      {'mesh.data': -1, 'batch_size': 12},
+      r'batch_size=12 is not divisible by the data-parallel size 8',
+    ),
+    ({'mesh.data': 16}, r'needs 16 devices; 8 are present'),
+    ({'data.seq_len': 64}, r'data.seq_len=64 is longer than the 32 positions the model supports'),
+    ({'data.name': 'no_such_corpus'}, r"unknown data.name='no_such_corpus'"),
+    ({'model.name': 'mamba'}, r"unknown model.name='mamba'"),
+    ({'model.num_heads': 3}, r'num_heads=3 does not divide model.d_model=16'),
+    ({'batch_size': 0}, r'batch_size must be positive, got 0'),
+    ({'data.tokenizer': 'bpe'}, r"data.tokenizer='bpe'; allowed: char, byte"),
+  ],
+)
+def test_bad_input_is_named_before_anything_is_written(text_file, tmp_path, overrides, message):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError, match=message):
+    train.train_and_evaluate(tiny_config(text_file, **overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_workdir_of_another_run_is_refused_and_left_alone(text_file, tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(text_file, num_train_steps=3), str(workdir))
+  before = sorted((p.name, p.stat().st_mtime_ns) for p in (workdir / 'checkpoints').rglob('*'))
+  with pytest.raises(ConfigError, match=r'model.d_model: workdir has 16, config has 32'):
+    train.train_and_evaluate(tiny_config(text_file, **{'model.d_model': 32}), str(workdir))
+  after = sorted((p.name, p.stat().st_mtime_ns) for p in (workdir / 'checkpoints').rglob('*'))
+  assert before == after and before
+  logged = read_jsonl(workdir / 'metrics.jsonl')
+  assert [m['step'] for m in logged if 'train/loss' in m] == [2, 3]
+
+
+def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path):
+  cfg = tiny_config(text_file, eval_batches=0)
+  run = train.setup(cfg, str(tmp_path))
+  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  state = train.init_state(run, shardings)
+  got = train.Trainer(run, shardings).evaluate(state.params)
+  tokens = np.concatenate(list(run.streams.eval.values())).astype(np.int32)
+  assert len(run.streams.eval) == 1
+  # Directly: every token after the first, predicted from the up-to-seq_len tokens before it
+  # in its window, as the evaluator cuts them.
+  T, nats = cfg.data.seq_len, 0.0
+  forward = jax.jit(lambda t: run.model.apply({'params': state.params}, t))
+  for start in range(0, len(tokens) - 1, T):
+    window = tokens[start : start + T + 1]
+    logp = jax.nn.log_softmax(forward(window[None, :-1])[0])
+    nats -= float(np.sum(np.take_along_axis(np.asarray(logp), window[1:, None], 1)))
+  assert got['eval/tokens'] == len(tokens) - 1
+  assert got['eval/loss'] == pytest.approx(nats / (len(tokens) - 1), rel=1e-5)
+  assert got['eval/bits_per_char'] == pytest.approx(got['eval/loss'] / np.log(2), rel=1e-6)
