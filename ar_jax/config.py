@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from ar_jax import models
 from ar_jax.errors import ConfigError
 
 
@@ -26,6 +27,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Train steps per dispatch from the host, run in one compiled loop. More amortizes the
   # per-call overhead (it matters on CPU); logging, eval and checkpoints still happen on time.
   c.steps_per_dispatch = 1
+  # Truncated BPTT, as char-rnn trains: each batch row continues its stream from the state
+  # the previous batch left (gradients stop between windows). Needs a recurrent model and
+  # data.sampling='sequential'; the state is saved in checkpoints.
+  c.stateful = False
 
   c.data = ml_collections.ConfigDict()
   # 'python_stdlib' (this interpreter's standard library sources, offline everywhere),
@@ -42,20 +47,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # tokens per training window (the context the model learns)
   c.data.sampling = 'random'  # 'random' windows (as nanoGPT) or 'sequential' streams
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'transformer'  # a module of ar_jax/models; the fields below are its Config
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.d_model = 128  # residual stream width
-  c.model.d_ff = 0  # MLP width; 0 = 4 * d_model
-  c.model.max_len = 256  # positions the model supports: training windows and prompt + sample
-  c.model.pos_encoding = 'learned'  # 'learned', 'sinusoidal' or 'rotary'
-  c.model.dropout = 0.0  # on embeddings, attention weights and residual branches
-  c.model.tie_embeddings = False  # output projection = input embedding transposed
-  c.model.use_bias = True  # biases in the dense layers
-  c.model.scan_layers = False  # one scanned block: faster compiles for deep models
-  c.model.remat = 'none'  # 'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
-  c.model.dtype = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay f32
+  # The model: a module of ar_jax/models by name; its other fields (and their meaning) are
+  # that module's Config dataclass, with its defaults.
+  c.model = models.default_config('transformer')
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3  # peak, reached at the end of warmup

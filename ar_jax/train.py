@@ -30,6 +30,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # Stateful (truncated-BPTT) training: the model's cache after the last batch, the initial
+  # state of the next one. None otherwise.
+  carry: Any = None
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
@@ -43,17 +46,27 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
 
 
 def train_step(state: TrainState, batch_BT: jax.Array, *, model, tx, seed: int):
-  """One AdamW step on the mean token cross-entropy under teacher forcing."""
+  """One AdamW step on the mean token cross-entropy under teacher forcing.
+
+  With a carry in the state, the batch continues each row's stream from it; gradients stop
+  at the window boundary (truncated BPTT).
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  inputs_BT, apply = batch_BT[:, :-1], functools.partial(model.apply, rngs={'dropout': rng})
 
   def loss_fn(params):
-    logits_BTV = model.apply({'params': params}, batch_BT[:, :-1], rngs={'dropout': rng})
+    if state.carry is None:
+      logits_BTV, carry = apply({'params': params}, inputs_BT), None
+    else:
+      carry = jax.lax.stop_gradient(state.carry)
+      logits_BTV, carry = apply({'params': params}, inputs_BT, carry, method=model.step)
     total, count = cross_entropy(logits_BTV, batch_BT[:, 1:])
-    return total / count
+    return total / count, carry
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(state.step + 1, params, opt_state, carry)
   return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
@@ -83,6 +96,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ):
     check(config[name] > 0, f'{name} must be positive, got {config[name]}')
   check(config.data.seq_len > 0, f'data.seq_len must be positive, got {config.data.seq_len}')
+  check(
+    not config.stateful or config.data.sampling == 'sequential',
+    "stateful training continues each batch row's stream: it needs data.sampling='sequential'",
+  )
 
 
 @dataclasses.dataclass
@@ -110,8 +127,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tokenizer = tokenizers.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
   streams = data.load(config.data, tokenizer)
   vocab = streams.tokenizer.vocab_size
-  model = models.get_model(config.model, vocab)
-  train_model = models.get_model(config.model, vocab, deterministic=False)
+  eos = streams.tokenizer.eos_id
+  model = models.get_model(config.model, vocab, eos)
+  train_model = models.get_model(config.model, vocab, eos, deterministic=False)
+  check(
+    not config.stateful or not model.max_len,
+    f'stateful training carries a recurrent state; model.name={config.model.name!r} has a '
+    f'context of {model.max_len} positions instead',
+  )
   check(
     not model.max_len or config.data.seq_len <= model.max_len,
     f'data.seq_len={config.data.seq_len} is longer than the {model.max_len} positions the model '
@@ -158,13 +181,14 @@ def _diff(prefix, a, b):
     yield prefix, a, b
 
 
-def _init_fn(model, tx, seq_len: int, unbox: bool):
-  dummy = jnp.zeros((1, min(seq_len, 8)), jnp.int32)
+def _init_fn(model, tx, config: ml_collections.ConfigDict, unbox: bool):
+  dummy = jnp.zeros((1, min(config.data.seq_len, 8)), jnp.int32)
 
   def init(rng):
     params = model.init(rng, dummy)['params']
     params = nn.unbox(params) if unbox else params
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
+    carry = model.init_cache(config.batch_size, config.data.seq_len) if config.stateful else None
+    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), carry)
 
   return init
 
@@ -173,8 +197,13 @@ def abstract_state(
   model: nn.Module, tx, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
 ) -> tuple[TrainState, TrainState]:
   """(shape-only state carrying its shardings, the shardings), materialising nothing."""
-  boxed = jax.eval_shape(_init_fn(model, tx, config.data.seq_len, unbox=False), jax.random.key(0))
+  boxed = jax.eval_shape(_init_fn(model, tx, config, unbox=False), jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+  if config.stateful:  # the carry's rows follow the batch's
+    by_batch = sharding.batch_sharding(mesh, leading_dims=model.cache_batch_axis)
+    shardings = shardings.replace(
+      carry=jax.tree.map(lambda x: by_batch if x.ndim else sharding.replicated(mesh), boxed.carry)
+    )
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
   )
@@ -183,7 +212,7 @@ def abstract_state(
 
 def init_state(run: Run, shardings: TrainState) -> TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
-  init = _init_fn(run.model, run.tx, run.config.data.seq_len, unbox=True)
+  init = _init_fn(run.model, run.tx, run.config, unbox=True)
   with sharding.context(run.mesh, run.config.sharding_rules):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.seed))
 
@@ -289,7 +318,7 @@ def write_sample(run: Run, params: Any, step: int) -> str:
     jax.random.key(run.config.seed),
     temperature=s.temperature,
     top_k=s.top_k,
-  )
+  ).tokens
   text = run.tokenizer.decode(np.asarray(tokens[0]))
   if jax.process_index() == 0:
     with open(os.path.join(run.workdir, 'samples.txt'), 'a') as f:

@@ -3,14 +3,21 @@
   python -m ar_jax.main --config=experiments/shakespeare_char.py:preset=nanogpt_cpu \
       --workdir=workdirs/shakespeare_cpu
 
-Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups), model=transformer.
+Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups: sizes, batch,
+steps, schedule) and model=transformer|rnn|lstm|gru (rnn is the Elman RNN; the recurrent
+models are char-rnn-like: 2 layers of 512, trained statefully on consecutive windows).
 Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
 validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
 """
 
+from ar_jax import models
 from ar_jax.config import defaults, parse_arg
 
-CHOICES = {'preset': ('nanogpt_cpu', 'nanogpt_gpu'), 'model': ('transformer',)}
+CHOICES = {
+  'preset': ('nanogpt_cpu', 'nanogpt_gpu'),
+  'model': ('transformer', 'rnn', 'lstm', 'gru'),
+}
+CELLS = {'rnn': 'elman', 'lstm': 'lstm', 'gru': 'gru'}
 
 
 def get_config(arg: str | None = None):
@@ -19,7 +26,6 @@ def get_config(arg: str | None = None):
   c.data.name = 'tiny_shakespeare'
   c.data.tokenizer = 'char'  # 65 characters, as nanoGPT's meta.pkl
   c.data.eval_splits = ('validation', 'test')  # = nanoGPT's val split (the last 10%)
-  c.model.name = args['model']
   # nanoGPT's GPT (no biases, output projection tied to the embedding) with one change:
   # rotary positions instead of learned ones. On the CPU preset they lower the val loss
   # from 1.90 to 1.79 (bench/nanogpt_cpu.py); --config.model.pos_encoding=learned gives
@@ -61,4 +67,22 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 100
     c.eval_every_steps = 250  # nanoGPT's eval_interval
     c.checkpoint_every_steps = 1000  # minutes apart on one GPU
+  if args['model'] in CELLS:
+    recurrent(c, CELLS[args['model']])
   return c
+
+
+def recurrent(c, cell: str) -> None:
+  """A char-rnn-like model in place of the transformer, on the preset's data and budget."""
+  dropout = c.model.dropout
+  c.model = models.default_config('rnn')
+  c.model.cell = cell
+  c.model.num_layers = 2  # char-rnn's default depth
+  c.model.d_hidden = 512  # the size of Karpathy's "unreasonable effectiveness" runs
+  c.model.d_embed = 128
+  c.model.dropout = dropout  # the preset's: 0 on CPU, 0.2 on GPU (between layers only)
+  c.stateful = True  # each row continues its text across batches, as char-rnn trains
+  c.data.sampling = 'sequential'  # consecutive windows of batch_size streams
+  c.optim.learning_rate = 2e-3  # char-rnn's; recurrent nets take a higher rate than GPTs
+  c.optim.min_learning_rate = 2e-4
+  c.optim.weight_decay = 0.0  # char-rnn regularizes with dropout only

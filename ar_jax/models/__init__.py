@@ -7,7 +7,8 @@ vocabulary size the data decides) and a Flax module `Model(config)` with the con
   init_cache(batch_size, max_len) -> cache  an empty decoding state
   step(tokens_BT, cache) -> (logits_BTV, cache)   T new tokens (prefill, or one)
   flops_per_token(seq_len) -> float         forward FLOPs, for MFU and compute budgets
-  max_len                                   the most positions a sequence may have
+  max_len                                   the most positions a sequence may have (0: no limit)
+  cache_batch_axis                          the batch axis of every non-scalar cache array
 """
 
 import dataclasses
@@ -15,22 +16,39 @@ import importlib
 import pkgutil
 from typing import Any
 
+import ml_collections
+
 from ar_jax.errors import ConfigError
 
 _NOT_MODELS = frozenset({'layers'})
+DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 
 def available() -> list[str]:
   return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_MODELS)
 
 
-def build_config(model_config: Any, vocab_size: int):
-  """The model module's own Config dataclass from the experiment's config.model."""
-  name = model_config.name
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """config.model for model `name`: its Config's fields and defaults (documented there)."""
+  module = _module(name)
+  fields = {
+    f.name: f.default for f in dataclasses.fields(module.Config) if f.name not in DATA_DECIDED
+  }
+  return ml_collections.ConfigDict({'name': name, **fields})
+
+
+def _module(name: str):
   if name not in available():
     raise ConfigError(f'unknown model.name={name!r}; available: {", ".join(available())}')
-  module = importlib.import_module(f'{__name__}.{name}')
-  fields = {f.name for f in dataclasses.fields(module.Config)} - {'vocab_size'}
+  return importlib.import_module(f'{__name__}.{name}')
+
+
+def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None):
+  """The model module's own Config dataclass from the experiment's config.model, plus the
+  fields the data decides (vocab_size, and eos_id where the Config has that field)."""
+  name = model_config.name
+  module = _module(name)
+  fields = {f.name for f in dataclasses.fields(module.Config)} - DATA_DECIDED
   given = {k: v for k, v in model_config.items() if k != 'name'}
   unknown = sorted(set(given) - fields)
   if unknown:
@@ -38,10 +56,16 @@ def build_config(model_config: Any, vocab_size: int):
       f'model {name!r} has no field(s) {", ".join(unknown)}; '
       f'its fields: {", ".join(sorted(fields))}'
     )
-  return module, module.Config(vocab_size=vocab_size, **given)
+  decided = {'vocab_size': vocab_size, 'eos_id': eos_id}
+  decided = {
+    k: v for k, v in decided.items() if k in {f.name for f in dataclasses.fields(module.Config)}
+  }
+  return module, module.Config(**decided, **given)
 
 
-def get_model(model_config: Any, vocab_size: int, *, deterministic: bool = True):
+def get_model(
+  model_config: Any, vocab_size: int, eos_id: int | None = None, *, deterministic: bool = True
+):
   """The Flax module named by config.model.name, configured by the rest of config.model."""
-  module, cfg = build_config(model_config, vocab_size)
+  module, cfg = build_config(model_config, vocab_size, eos_id)
   return module.Model(cfg, deterministic=deterministic)

@@ -26,19 +26,19 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  vocab_size: int
+  vocab_size: int  # decided by the tokenizer
   num_layers: int = 4
   num_heads: int = 4
-  d_model: int = 128
-  d_ff: int = 0  # 0 means 4 * d_model
-  max_len: int = 256  # the context: the most positions a sequence (prompt + sample) may have
-  pos_encoding: str = 'learned'
-  dropout: float = 0.0
-  tie_embeddings: bool = False
-  use_bias: bool = True
-  scan_layers: bool = False
-  remat: str = 'none'
-  dtype: str = 'float32'  # compute dtype; parameters stay float32
+  d_model: int = 128  # residual stream width
+  d_ff: int = 0  # MLP width; 0 = 4 * d_model
+  max_len: int = 256  # positions the model supports: training windows and prompt + sample
+  pos_encoding: str = 'learned'  # 'learned', 'sinusoidal' (the seed's PE) or 'rotary'
+  dropout: float = 0.0  # on embeddings, attention weights and residual branches
+  tie_embeddings: bool = False  # output projection = input embedding, transposed
+  use_bias: bool = True  # biases in dense layers and LayerNorms
+  scan_layers: bool = False  # one scanned block (a 'layers' param axis): fast compiles
+  remat: str = 'none'  # 'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
+  dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'max_len'):
@@ -218,6 +218,12 @@ class Model(nn.Module):
   @property
   def max_len(self) -> int:
     return self.config.max_len
+
+  @property
+  def cache_batch_axis(self) -> int:
+    """The batch axis of every array in the cache but the scalar index (layers come first
+    when they are scanned)."""
+    return 1 if self.config.scan_layers else 0
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token at this sequence length, counting matmuls as executed.
