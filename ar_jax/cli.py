@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
-from ar_jax.errors import ConfigError
+from ar_jax.errors import ConfigError, Error
 
 
 class _OwnInfoOnly(py_logging.Filter):
@@ -17,12 +17,12 @@ class _OwnInfoOnly(py_logging.Filter):
 
 
 def run(fn: Callable[[], None]) -> None:
-  """Runs an entry point's body; a ConfigError exits non-zero with its message alone."""
+  """Runs an entry point's body; an ar_jax Error exits non-zero with its message alone."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   try:
     fn()
-  except ConfigError as e:
+  except Error as e:
     sys.exit(f'error: {e}')
 
 

@@ -27,25 +27,49 @@ def defaults() -> ml_collections.ConfigDict:
   # Train steps per dispatch from the host, run in one compiled loop. More amortizes the
   # per-call overhead (it matters on CPU); logging, eval and checkpoints still happen on time.
   c.steps_per_dispatch = 1
+  # Microbatches per step: gradients of batch_size / grad_accum_steps sequences at a time,
+  # averaged before clipping and the update (less activation memory, the same step).
+  c.grad_accum_steps = 1
   # Truncated BPTT, as char-rnn trains: each batch row continues its stream from the state
   # the previous batch left (gradients stop between windows). Needs a recurrent model and
   # data.sampling='sequential'; the state is saved in checkpoints.
   c.stateful = False
+  # A non-finite loss or gradient: 'stop' ends the run with a message naming the step (the
+  # checkpoints on disk all predate it); 'skip' leaves parameters and optimizer state
+  # untouched for that step and counts it in train/skipped_steps.
+  c.nan_policy = 'stop'
+
+  # Scheduled sampling (Bengio et al. 2015): with probability eps(step) an input token is the
+  # model's own sample instead of the truth. Exact, step by step, for recurrent models; the
+  # two-pass approximation for the parallel families.
+  c.scheduled_sampling = ml_collections.ConfigDict()
+  c.scheduled_sampling.schedule = 'none'  # 'none', 'constant', 'linear', 'inverse_sigmoid'
+  c.scheduled_sampling.max_prob = 0.25  # the eps the schedule rises to
+  c.scheduled_sampling.steps = 1000  # linear: steps to reach max_prob; inverse_sigmoid: 10 k
 
   c.data = ml_collections.ConfigDict()
   # 'python_stdlib' (this interpreter's standard library sources, offline everywhere),
   # 'files' (data.path), or the name of a TFDS dataset prepared in array_record format.
+  # Images (tokenizer 'pixel'): 'digits' (scikit-learn's 8x8, offline) or a TFDS image
+  # dataset (mnist, binarized_mnist, cifar10). Audio (tokenizer 'mulaw'): 'synthetic_audio'
+  # (offline) or a TFDS audio dataset (speech_commands, nsynth).
   c.data.name = 'python_stdlib'
   c.data.path = ''  # for 'files': a file, a directory or a glob (one document per file)
-  c.data.val_fraction = 0.1  # for files: share of one file (its end), or of files, held out
+  c.data.val_fraction = 0.1  # held out: of one file (its end), of files, or of the digits
   c.data.data_dir = ''  # TFDS data directory; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.download = False  # let TFDS download and prepare a missing dataset (needs internet)
   c.data.text_feature = 'text'  # the TFDS feature that holds each document's text
   c.data.train_split = 'train'
   c.data.eval_splits = ('validation',)  # evaluated as one pool, weighted by tokens
-  c.data.tokenizer = 'byte'  # 'byte' (256 values + eos) or 'char' (built from train split)
+  # 'byte' (256 values + eos), 'char' (built from train split), 'pixel' (images: one example
+  # per image, BOS and its sub-pixel values in raster order) or 'mulaw' (audio: 256 levels).
+  c.data.tokenizer = 'byte'
   c.data.seq_len = 256  # tokens per training window (the context the model learns)
-  c.data.sampling = 'random'  # 'random' windows (as nanoGPT) or 'sequential' streams
+  # 'random' windows (as nanoGPT), 'sequential' streams, or 'examples': whole examples of
+  # seq_len + 1 tokens (images), each evaluated once with all its targets.
+  c.data.sampling = 'random'
+  c.data.pixel_levels = 256  # images: values per sub-pixel (2 for binarized_mnist)
+  c.data.max_examples = 0  # images and audio: read at most this many per split; 0 = all
 
   # The model: a module of ar_jax/models by name; its other fields (and their meaning) are
   # that module's Config dataclass, with its defaults.

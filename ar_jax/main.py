@@ -6,18 +6,30 @@ Starting again with the same workdir resumes from its latest checkpoint.
 from absl import app, flags
 from ml_collections import config_flags
 
-from ar_jax import cli, train
+from ar_jax import cli, distributed, train
 
 config_flags.DEFINE_config_file('config', None, 'experiments/NAME.py[:ARG]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, metrics, samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (and evaluate), or evaluate only.')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'compile_only'],
+  'train (and evaluate); evaluate the latest checkpoint; or compile the train step for the '
+  'configured mesh and print its memory per device, to catch what does not fit before a job.',
+)
+flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-process runs.')
+flags.DEFINE_integer('num_processes', 1, 'Processes in a multi-process run.')
+flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _main():
   f = flags.FLAGS
+  distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   if f.mode == 'eval':
     metrics = train.evaluate_workdir(f.config, f.workdir)
+  elif f.mode == 'compile_only':
+    metrics = train.compile_only(f.config, f.workdir)
   else:
     metrics = train.train_and_evaluate(f.config, f.workdir)
   print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))

@@ -1,7 +1,14 @@
-"""Continue a prompt with the latest checkpoint of a workdir, through the model's cache.
+"""Continue prompts with the latest checkpoint of a workdir, through the model's cache.
 
   python -m ar_jax.sample --workdir=DIR --prompt=TEXT --max_new_tokens=200 \
       --temperature=0.8 --top_k=40 --seed=0
+  python -m ar_jax.sample --workdir=DIR --prompts_file=prompts.txt --beam_size=4 \
+      --num_samples=2 --output=beams.jsonl
+
+A row stops at the tokenizer's end-of-sequence token, when it has one. --output writes one
+JSON object per continuation: prompt, sample (its rank for beam search), completion, tokens
+and their log_probs under the model, log_prob (their sum) and score (beam search: log_prob
+divided by the length penalty).
 """
 
 import json
@@ -9,6 +16,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from ar_jax import checkpoint, cli, decoding, models, optim, sharding, train
@@ -17,11 +25,20 @@ from ar_jax.errors import check
 
 flags.DEFINE_string('workdir', None, 'A run directory written by ar_jax.main.')
 flags.DEFINE_string('prompt', '\n', 'Text to continue.')
-flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate after the prompt.')
+flags.DEFINE_string('prompts_file', None, 'Continue each line of this file instead of --prompt.')
+flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate after each prompt.')
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy decoding.')
 flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
 flags.DEFINE_float('top_p', 1.0, 'Sample among the smallest set of probability >= p; 1 = all.')
+flags.DEFINE_integer(
+  'beam_size', 1, 'Above 1: beam search of this width (the sampling flags do not apply).'
+)
+flags.DEFINE_float('length_penalty', 0.6, "Beam search: GNMT's alpha; 0 ranks by log p alone.")
+flags.DEFINE_integer(
+  'num_samples', 1, 'Continuations per prompt: samples, or the best beams (<= --beam_size).'
+)
 flags.DEFINE_integer('seed', 0, 'Random seed for sampling.')
+flags.DEFINE_string('output', None, 'Also write the continuations to this JSONL file.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -32,7 +49,7 @@ def load(workdir: str):
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
-  model = models.get_model(config.model, tokenizer.vocab_size)
+  model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
   tx = optim.make_optimizer(config.optim, config.num_train_steps)
   # One device holds the whole model for sampling, whatever mesh the run trained on.
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
@@ -45,21 +62,89 @@ def load(workdir: str):
   return model, state.params, tokenizer, step
 
 
+def read_prompts(prompt: str, prompts_file: str | None) -> list[str]:
+  """The prompt, or every line of prompts_file."""
+  if prompts_file is None:
+    return [prompt]
+  check(os.path.isfile(prompts_file), f'--prompts_file={prompts_file} is not a file')
+  with open(prompts_file, encoding='utf-8') as f:
+    prompts = f.read().splitlines()
+  check(bool(prompts), f'--prompts_file={prompts_file} has no lines')
+  return prompts
+
+
+def continuations(f: flags.FlagValues, model, params, tokenizer, prompts: list[str]) -> list[dict]:
+  """One record per continuation, num_samples per prompt in the prompts' order."""
+  ids = [tokenizer.encode(p) for p in prompts]
+  for i, row in enumerate(ids):
+    check(len(row) > 0, f'prompt {i + 1} is empty: a prompt needs at least one token')
+  lengths = [len(row) for row in ids]
+  prompts_BP = np.zeros((len(ids), max(lengths)), np.int32)
+  for b, row in enumerate(ids):
+    prompts_BP[b, : len(row)] = row
+  n_samples = f.num_samples
+  common = dict(prompt_lengths=lengths, eos_id=tokenizer.eos_id)
+  if f.beam_size > 1:
+    check(n_samples <= f.beam_size, f'--num_samples={n_samples} exceeds --beam_size={f.beam_size}')
+    out = decoding.beam_search(
+      model,
+      params,
+      prompts_BP,
+      f.max_new_tokens,
+      beam_size=f.beam_size,
+      length_penalty_alpha=f.length_penalty,
+      **common,
+    )
+    out = jax.tree.map(lambda a: a[:, :n_samples], out)
+  else:
+    out = decoding.generate(
+      model,
+      params,
+      prompts_BP,
+      f.max_new_tokens,
+      jax.random.key(f.seed),
+      temperature=f.temperature,
+      top_k=f.top_k,
+      top_p=f.top_p,
+      num_samples=n_samples,
+      **common,
+    )
+    out = jax.tree.map(lambda a: a.reshape(len(ids), n_samples, *a.shape[1:]), out)
+  tokens, log_probs, ends, scores = jax.device_get(out)
+  records = []
+  for b, prompt in enumerate(prompts):
+    for n in range(n_samples):
+      new = slice(lengths[b], int(ends[b, n]))
+      records.append(
+        {
+          'prompt': prompt,
+          'sample': n,
+          'text': tokenizer.decode(tokens[b, n, : new.stop]),
+          'completion': tokenizer.decode(tokens[b, n, new]),
+          'tokens': tokens[b, n, new].tolist(),
+          'log_probs': log_probs[b, n, new].tolist(),
+          'log_prob': float(log_probs[b, n, new].sum()),
+          'score': float(scores[b, n]),
+        }
+      )
+  return records
+
+
 def _main():
   f = flags.FLAGS
+  if f.output:
+    folder = os.path.dirname(os.path.abspath(f.output))
+    check(os.path.isdir(folder), f'--output={f.output}: folder {folder} does not exist')
   model, params, tokenizer, _ = load(f.workdir)
-  prompt = tokenizer.encode(f.prompt)
-  tokens = decoding.generate(
-    model,
-    params,
-    prompt[None, :],
-    f.max_new_tokens,
-    jax.random.key(f.seed),
-    temperature=f.temperature,
-    top_k=f.top_k,
-    top_p=f.top_p,
-  )
-  print(tokenizer.decode(tokens[0].tolist()))
+  records = continuations(f, model, params, tokenizer, read_prompts(f.prompt, f.prompts_file))
+  for r in records:
+    if len(records) > 1:
+      print(f'=== prompt {r["prompt"]!r}, sample {r["sample"]}, score {r["score"]:.4f}')
+    print(r['text'])
+  if f.output:
+    with open(f.output, 'w') as out:
+      for r in records:
+        out.write(json.dumps({k: v for k, v in r.items() if k != 'text'}) + '\n')
 
 
 def main(argv):

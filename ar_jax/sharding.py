@@ -57,9 +57,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def logical_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for a tree whose leaves are boxed with logical axis names."""
+  """NamedShardings for a tree whose leaves are boxed with logical axis names.
+
+  A dimension the mesh axes do not divide (a 65-character vocabulary over 8 tensor shards)
+  stays replicated rather than failing: the rules describe intent, the shapes decide.
+  """
   specs = nn.get_partition_spec(tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+  return jax.tree.map(_divisible, nn.unbox(tree), shardings)
+
+
+def _divisible(leaf, named: NamedSharding) -> NamedSharding:
+  spec = []
+  for size, axes in zip(leaf.shape, tuple(named.spec) + (None,) * leaf.ndim, strict=False):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = math.prod(named.mesh.shape[a] for a in names)
+    spec.append(axes if size % shards == 0 else None)
+  return NamedSharding(named.mesh, PartitionSpec(*spec))
 
 
 @contextlib.contextmanager

@@ -17,9 +17,21 @@ import ml_collections
 import numpy as np
 import optax
 
-from ar_jax import checkpoint, data, decoding, flops, metrics, models, optim, sharding, writers
+from ar_jax import (
+  checkpoint,
+  data,
+  decoding,
+  flops,
+  metrics,
+  models,
+  optim,
+  preemption,
+  scheduled_sampling,
+  sharding,
+  writers,
+)
 from ar_jax.data import pipeline, tokenizers
-from ar_jax.errors import ConfigError, check
+from ar_jax.errors import ConfigError, RunError, check
 
 # Fields that define what a workdir's checkpoints are: a different value cannot resume it.
 RUN_DEFINING = ('model', 'data', 'seed', 'batch_size')
@@ -45,29 +57,91 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
   return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
-def train_step(state: TrainState, batch_BT: jax.Array, *, model, tx, seed: int):
+def train_step(
+  state: TrainState,
+  batch_BT: jax.Array,
+  *,
+  model,
+  tx,
+  seed: int,
+  skip_nonfinite: bool,
+  accum_steps: int,
+  scheduled: Any = None,
+):
   """One AdamW step on the mean token cross-entropy under teacher forcing.
 
-  With a carry in the state, the batch continues each row's stream from it; gradients stop
-  at the window boundary (truncated BPTT).
+  The batch may be cut into accum_steps microbatches whose gradients are averaged before
+  clipping and the update (every microbatch has the same token count, so this is the
+  token-weighted mean). With a carry in the state, the batch continues each row's stream
+  from it; gradients stop at the window boundary (truncated BPTT). With skip_nonfinite, a
+  step whose loss or gradient is not finite changes nothing. `scheduled` (the config's
+  scheduled_sampling, or None) feeds the model some of its own samples as inputs.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  inputs_BT, apply = batch_BT[:, :-1], functools.partial(model.apply, rngs={'dropout': rng})
+  eps = None if scheduled is None else scheduled_sampling.probability(scheduled, state.step)
 
-  def loss_fn(params):
-    if state.carry is None:
-      logits_BTV, carry = apply({'params': params}, inputs_BT), None
+  def loss_fn(params, micro_BT, carry, micro_rng):
+    dropout_rng, sampling_rng = jax.random.split(micro_rng)
+
+    def apply(tokens_BT, *cache, rng=dropout_rng, **kw):
+      return model.apply({'params': params}, tokens_BT, *cache, rngs={'dropout': rng}, **kw)
+
+    inputs_BT = micro_BT[:, :-1]
+    if eps is not None and getattr(model, 'sequential', False):  # exact, one step at a time
+      cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
+      step = lambda t_B1, c, t: apply(
+        t_B1, jax.lax.stop_gradient(c), rng=jax.random.fold_in(dropout_rng, t), method=model.step
+      )
+      logits_BTV, cache, _ = scheduled_sampling.step_by_step(
+        step, inputs_BT, cache, eps, sampling_rng
+      )
+      carry = None if carry is None else cache
+    elif eps is not None:
+      check(carry is None, 'scheduled sampling with a carried state needs a recurrent model')
+      logits_BTV = scheduled_sampling.two_pass(apply, inputs_BT, eps, sampling_rng)
+    elif carry is None:
+      logits_BTV = apply(inputs_BT)
     else:
-      carry = jax.lax.stop_gradient(state.carry)
-      logits_BTV, carry = apply({'params': params}, inputs_BT, carry, method=model.step)
-    total, count = cross_entropy(logits_BTV, batch_BT[:, 1:])
+      logits_BTV, carry = apply(inputs_BT, jax.lax.stop_gradient(carry), method=model.step)
+    total, count = cross_entropy(logits_BTV, micro_BT[:, 1:])
     return total / count, carry
 
-  (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, carry), grads = grad_fn(state.params, batch_BT, state.carry, rng)
+  else:
+    # Row r goes to microbatch r % accum_steps: every device keeps its share of each one.
+    split = lambda x, axis=0: jnp.moveaxis(
+      x.reshape(*x.shape[:axis], -1, accum_steps, *x.shape[axis + 1 :]), axis + 1, 0
+    )
+    axis = getattr(model, 'cache_batch_axis', 0)
+    carries = jax.tree.map(lambda c: split(c, axis) if c.ndim else c, state.carry)
+
+    def micro(grads_sum, inputs):
+      micro_BT, carry, i = inputs
+      (loss, carry), grads = grad_fn(state.params, micro_BT, carry, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, grads_sum, grads), (loss, carry)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, carries) = jax.lax.scan(
+      micro, zeros, (split(batch_BT), carries, jnp.arange(accum_steps))
+    )
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = losses.mean()
+    merge = lambda c: jnp.moveaxis(c, 0, axis + 1).reshape(
+      *c.shape[1 : axis + 1], -1, *c.shape[axis + 2 :]
+    )
+    carry = jax.tree.map(lambda c: merge(c) if c.ndim > 1 else c[0], carries)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(state.step + 1, params, opt_state, carry)
-  return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  new_state = TrainState(
+    state.step + 1, optax.apply_updates(state.params, updates), opt_state, carry
+  )
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    kept = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~finite}
 
 
 def train_steps(state: TrainState, batches_KBT: jax.Array, **step_kwargs):
@@ -92,10 +166,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     'eval_every_steps',
     'checkpoint_every_steps',
     'steps_per_dispatch',
+    'grad_accum_steps',
     'keep_checkpoints',
   ):
     check(config[name] > 0, f'{name} must be positive, got {config[name]}')
   check(config.data.seq_len > 0, f'data.seq_len must be positive, got {config.data.seq_len}')
+  scheduled_sampling.validate(config.scheduled_sampling)
+  check(
+    config.nan_policy in ('stop', 'skip'),
+    f'nan_policy={config.nan_policy!r}; allowed: stop, skip',
+  )
   check(
     not config.stateful or config.data.sampling == 'sequential',
     "stateful training continues each batch row's stream: it needs data.sampling='sequential'",
@@ -147,6 +227,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     f'batch_size={config.batch_size} is not divisible by the data-parallel size {dp} '
     f'(mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]})',
   )
+  check(
+    config.batch_size % (dp * config.grad_accum_steps) == 0,
+    f'batch_size={config.batch_size} does not split into grad_accum_steps='
+    f'{config.grad_accum_steps} microbatches over the data-parallel size {dp}',
+  )
   tx = optim.make_optimizer(config.optim, config.num_train_steps)
   return Run(config, workdir, streams, model, train_model, mesh, tx)
 
@@ -173,12 +258,15 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
 
 
-def _diff(prefix, a, b):
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      yield from _diff(f'{prefix}.{k}', a.get(k), b.get(k))
-  elif a != b:
-    yield prefix, a, b
+def _diff(prefix, saved, new):
+  """(key, saved value, new value) where they differ. A key the saved config lacks is a
+  field added to the code since the run began: its default does not block resuming."""
+  if isinstance(saved, dict) and isinstance(new, dict):
+    for k in sorted(set(saved) | set(new)):
+      if k in saved:
+        yield from _diff(f'{prefix}.{k}', saved[k], new.get(k))
+  elif saved != new:
+    yield prefix, saved, new
 
 
 def _init_fn(model, tx, config: ml_collections.ConfigDict, unbox: bool):
@@ -227,10 +315,20 @@ class Trainer:
   def __init__(self, run: Run, shardings: TrainState):
     self.run = run
     self.batch_sharding = sharding.batch_sharding(run.mesh)
-    self._stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
-    self._train = jax.jit(
-      functools.partial(train_steps, model=run.train_model, tx=run.tx, seed=run.config.seed),
-      in_shardings=(shardings, self._stacked_sharding),
+    self.stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
+    self.jitted_train = jax.jit(
+      functools.partial(
+        train_steps,
+        model=run.train_model,
+        tx=run.tx,
+        seed=run.config.seed,
+        skip_nonfinite=run.config.nan_policy == 'skip',
+        accum_steps=run.config.grad_accum_steps,
+        scheduled=None
+        if run.config.scheduled_sampling.schedule == 'none'
+        else run.config.scheduled_sampling,
+      ),
+      in_shardings=(shardings, self.stacked_sharding),
       out_shardings=(shardings, sharding.replicated(run.mesh)),
       donate_argnums=0,
     )
@@ -245,11 +343,11 @@ class Trainer:
 
   def train(self, state: TrainState, local_batches_KBT: np.ndarray):
     k = local_batches_KBT.shape[0]
-    batches = sharding.global_batch(local_batches_KBT, self._stacked_sharding)
+    batches = sharding.global_batch(local_batches_KBT, self.stacked_sharding)
     if k not in self._compiled:
       start = time.perf_counter()
       with sharding.context(self.run.mesh, self.run.config.sharding_rules):
-        self._compiled[k] = self._train.lower(state, batches).compile()
+        self._compiled[k] = self.jitted_train.lower(state, batches).compile()
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[k](state, batches)
 
@@ -265,6 +363,7 @@ class Trainer:
           max_batches=cfg.eval_batches,
           process_index=jax.process_index(),
           process_count=jax.process_count(),
+          examples=cfg.data.sampling == 'examples',
         ):
           sums.append(
             self._eval(
@@ -288,6 +387,10 @@ class Trainer:
     }
     if self.run.tokenizer.kind == 'char':
       out['eval/bits_per_char'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
+    if self.run.tokenizer.kind == 'pixel':  # every target is a sub-pixel: one dimension
+      out['eval/bits_per_dim'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
+      # Each example is one image of seq_len sub-pixels.
+      out['eval/nats_per_image'] = totals['nats'] / totals['tokens'] * cfg.data.seq_len
     return out
 
 
@@ -327,18 +430,13 @@ def write_sample(run: Run, params: Any, step: int) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains config's model in workdir, resuming from its latest checkpoint if it has one.
+  """Trains config's model in workdir, resuming from its latest readable checkpoint.
 
-  Returns the final evaluation metrics.
+  Returns the final evaluation metrics. SIGTERM or SIGINT stops it cleanly: the current
+  dispatch finishes, a checkpoint is written, and it returns what it has.
   """
   run = setup(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  check(os.access(workdir, os.W_OK), f'workdir {workdir} is not writable')
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
-    run.tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
-
+  _prepare_workdir(run)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   batches = pipeline.train_iterator(
@@ -350,89 +448,190 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  latest = ckpt.latest_step()
-  if latest is None:
+  restored = ckpt.restore_latest(abstract)
+  if restored is None:
     state = init_state(run, shardings)
   else:
-    state, data_state, _ = ckpt.restore(latest, abstract)
+    saved_step, state, data_state, _ = restored
     batches.set_state(data_state)
-    logging.info('resumed from the checkpoint at step %d', latest)
-  step = int(state.step)
+    logging.info('resumed from the checkpoint at step %d', saved_step)
+  step = first_step = int(state.step)
   meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
-
   trainer = Trainer(run, shardings)
-  writer = writers.MetricWriter(workdir)
-  lr_schedule = optim.schedule(config.optim, config.num_train_steps)
-  num_params = count_params(state.params)
-  tokens_per_step = config.batch_size * config.data.seq_len
-  train_flops_per_token = 3 * run.model.flops_per_token(config.data.seq_len)
-  peak, peak_source = flops.peak_flops(jax.devices()[0])
-  logging.info(
-    '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
-    config.model.name,
-    num_params / 1e6,
-    train_flops_per_token / 1e6,
-    peak / 1e12,
-    peak_source,
-  )
+  writer = writers.MetricWriter(workdir, resume_step=step)
+  progress = _Progress(run, trainer, count_params(state.params))
 
-  pending, since_log, last_log, first_step = [], 0, time.perf_counter(), step
-  compile_at_log = trainer.compile_seconds
-  final_eval = {}
-  for k in chunk_sizes(step, config):
-    local = np.stack([next(batches) for _ in range(k)])
-    state, step_metrics = trainer.train(state, local)
-    pending.append(step_metrics)
-    step += k
-    since_log += k
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      host = jax.device_get(pending)
-      losses = np.concatenate([m['loss'] for m in host])
-      check_finite(losses, step - since_log, step)
-      now = time.perf_counter()
-      seconds = now - last_log - (trainer.compile_seconds - compile_at_log)
-      tokens_per_sec = since_log * tokens_per_step / seconds
-      per_device = tokens_per_sec / run.mesh.size
-      logged = {
-        'train/loss': float(losses.mean()),
-        'train/grad_norm': float(np.concatenate([m['grad_norm'] for m in host]).mean()),
-        'train/learning_rate': float(lr_schedule(step - 1)),
-        'train/tokens_per_sec': tokens_per_sec,
-        'train/tokens_per_sec_per_device': per_device,
-        'train/step_time_ms': 1000 * seconds / since_log,
-        'train/mfu': per_device * train_flops_per_token / peak,
-        'train/tokens_seen': step * tokens_per_step,
-      }
-      writer.write(step, logged)
-      eta = (config.num_train_steps - step) * seconds / since_log
-      logging.info(
-        'step %d/%d | loss %.4f | %.0f tok/s | mfu %.1f%% | eta %s',
-        step,
-        config.num_train_steps,
-        logged['train/loss'],
-        tokens_per_sec,
-        100 * logged['train/mfu'],
-        _duration(eta),
-      )
-      pending, since_log, last_log = [], 0, now
-      compile_at_log = trainer.compile_seconds
-    if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-      eval_start = time.perf_counter()
+  final_eval, pending, stopped = {}, [], False
+  try:
+    with preemption.stop_requests() as stop:
+      for k in chunk_sizes(step, config):
+        local = np.stack([next(batches) for _ in range(k)])
+        state, step_metrics = trainer.train(state, local)
+        pending.append(step_metrics)
+        step += k
+        at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
+        stopped = stop.requested()
+        if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
+          # Nothing reaches a checkpoint or the log before it is known to be finite.
+          host = _finite(jax.device_get(pending), step, config.nan_policy, ckpt.latest_step())
+        if at(config.log_every_steps):
+          writer.write(step, progress.log(step, host))
+          pending = []
+        if at(config.eval_every_steps):
+          final_eval = progress.evaluate(state.params, step)
+          writer.write(step, final_eval)
+        if at(config.checkpoint_every_steps) or stopped:
+          ckpt.save(step, state, batches.get_state(), meta)
+        if stopped:
+          logging.warning(
+            'stopped by signal %s at step %d: checkpoint saved; start again with the same '
+            'workdir to continue',
+            stop.signal,
+            step,
+          )
+          break
+    if step == first_step and not final_eval:  # nothing left to train: report where it stands
       final_eval = trainer.evaluate(state.params)
-      writer.write(step, final_eval)
-      logging.info('eval at step %d: %s', step, _fmt(final_eval))
-      last_log += time.perf_counter() - eval_start  # throughput counts training time only
-    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-      ckpt.save(step, state, batches.get_state(), meta)
-
-  if step == first_step and not final_eval:  # nothing left to train: report where the run stands
-    final_eval = trainer.evaluate(state.params)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  sample = write_sample(run, state.params, step)
-  logging.info('sample at step %d:\n%s', step, sample)
+    ckpt.wait()
+  finally:  # on an error too: an in-flight save completes, the metrics are flushed
+    ckpt.close()
+    writer.close()
+  if not stopped:
+    logging.info('sample at step %d:\n%s', step, write_sample(run, state.params, step))
   return final_eval
+
+
+def _prepare_workdir(run: Run) -> None:
+  """Creates the workdir and proves it writable before any training; records the run."""
+  try:
+    os.makedirs(run.workdir, exist_ok=True)
+    probe = os.path.join(run.workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'workdir {run.workdir} is not writable: {e}') from e
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+      f.write(run.config.to_json(indent=2))
+    run.tokenizer.save(os.path.join(run.workdir, 'tokenizer.json'))
+
+
+def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | None) -> list[dict]:
+  """The steps' metrics since the last log; raises on a non-finite loss unless skipping."""
+  losses = np.concatenate([m['loss'] for m in host])
+  grads = np.concatenate([m['grad_norm'] for m in host])
+  bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(grads)))
+  if bad.size and policy == 'stop':
+    at = step - len(losses) + int(bad[0]) + 1
+    raise RunError(
+      f'non-finite training loss ({losses[bad[0]]}) or gradient norm ({grads[bad[0]]}) at step '
+      f'{at}, on training batch {at - 1} (counting from 0; a rerun of this config reads the '
+      f'same batch); the last checkpoint, step {last_checkpoint}, predates it. Lower the '
+      "learning rate, or set nan_policy='skip' to drop such steps"
+    )
+  return host
+
+
+class _Progress:
+  """Turns the steps' metrics into train/... scalars and the progress line with its ETA."""
+
+  def __init__(self, run: Run, trainer: Trainer, num_params: int):
+    cfg = run.config
+    self.run, self.trainer = run, trainer
+    self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
+    self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
+    self.peak, peak_source = flops.peak_flops(jax.devices()[0])
+    logging.info(
+      '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
+      cfg.model.name,
+      num_params / 1e6,
+      self.flops_per_token / 1e6,
+      self.peak / 1e12,
+      peak_source,
+    )
+    self.since = time.perf_counter()
+    self.compile_seconds = trainer.compile_seconds
+
+  def log(self, step: int, host: list[dict]) -> dict[str, float]:
+    cfg = self.run.config
+    losses = np.concatenate([m['loss'] for m in host])
+    skipped = np.concatenate([m['skipped'] for m in host])
+    now = time.perf_counter()
+    # Training time only: compiles (and evaluations, see evaluate) are not throughput.
+    seconds = now - self.since - (self.trainer.compile_seconds - self.compile_seconds)
+    steps = len(losses)
+    tokens_per_sec = steps * self.tokens_per_step / seconds
+    per_device = tokens_per_sec / self.run.mesh.size
+    logged = {
+      'train/loss': float(losses[~skipped].mean()) if (~skipped).any() else math.nan,
+      'train/grad_norm': float(np.concatenate([m['grad_norm'] for m in host])[~skipped].mean())
+      if (~skipped).any()
+      else math.nan,
+      'train/learning_rate': float(self.lr(step - 1)),
+      'train/tokens_per_sec': tokens_per_sec,
+      'train/tokens_per_sec_per_device': per_device,
+      'train/step_time_ms': 1000 * seconds / steps,
+      'train/mfu': per_device * self.flops_per_token / self.peak,
+      'train/tokens_seen': step * self.tokens_per_step,
+      'train/skipped_steps': float(skipped.sum()),
+    }
+    eta = (cfg.num_train_steps - step) * seconds / steps
+    logging.info(
+      'step %d/%d | loss %.4f | %.0f tok/s | mfu %.1f%% | eta %s',
+      step,
+      cfg.num_train_steps,
+      logged['train/loss'],
+      tokens_per_sec,
+      100 * logged['train/mfu'],
+      _duration(eta),
+    )
+    self.since, self.compile_seconds = now, self.trainer.compile_seconds
+    return logged
+
+  def evaluate(self, params, step: int) -> dict[str, float]:
+    start = time.perf_counter()
+    metrics = self.trainer.evaluate(params)
+    logging.info('eval at step %d: %s', step, _fmt(metrics))
+    self.since += time.perf_counter() - start
+    return metrics
+
+
+def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Compiles the train step for the configured mesh and reports its memory per device.
+
+  Nothing is trained or written: a configuration that does not fit is caught here, before
+  a cluster job spends its allocation finding out.
+  """
+  run = setup(config, workdir)
+  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
+  trainer = Trainer(run, shardings)
+  k = config.steps_per_dispatch
+  batches = jax.ShapeDtypeStruct(
+    (k, config.batch_size, config.data.seq_len + 1), jnp.int32, sharding=trainer.stacked_sharding
+  )
+  with sharding.context(run.mesh, config.sharding_rules):
+    compiled = trainer.jitted_train.lower(abstract, batches).compile()
+  memory = compiled.memory_analysis()
+  per_device = {
+    'params_and_state_bytes': memory.argument_size_in_bytes,
+    'temporaries_bytes': memory.temp_size_in_bytes,
+    'output_bytes': memory.output_size_in_bytes,
+    'generated_code_bytes': memory.generated_code_size_in_bytes,
+  }
+  total = sum(per_device.values()) - memory.alias_size_in_bytes
+  logging.info(
+    'train step for mesh %s (%d devices): per device %s; about %.2f GiB in all',
+    dict(run.mesh.shape),
+    run.mesh.size,
+    ', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in per_device.items()),
+    total / 2**30,
+  )
+  return {
+    **{f'memory/{k}': float(v) for k, v in per_device.items()},
+    'memory/total_bytes': float(total),
+  }
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -448,15 +647,6 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   state, _, _ = ckpt.restore(latest, abstract)
   ckpt.close()
   return {'step': float(latest), **Trainer(run, shardings).evaluate(state.params)}
-
-
-def check_finite(losses: np.ndarray, first: int, last: int) -> None:
-  bad = np.flatnonzero(~np.isfinite(losses))
-  if bad.size:
-    raise FloatingPointError(
-      f'non-finite training loss {losses[bad[0]]} at step {first + int(bad[0]) + 1} '
-      f'(steps {first + 1}..{last}); the checkpoints in the workdir are from before it'
-    )
 
 
 def _duration(seconds: float) -> str:

@@ -8,15 +8,26 @@ import jax
 
 
 class MetricWriter:
-  """Writes from process 0 only; every process may call it."""
+  """Writes from process 0 only; every process may call it.
 
-  def __init__(self, workdir: str):
+  A run resumed at `resume_step` first drops the lines metrics.jsonl holds for later steps:
+  they came from work lost with the process that wrote them, and are about to be redone.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     from tensorboardX import SummaryWriter  # Heavy import; only process 0 needs it.
 
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 - closed in close()
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(path + '.tmp', 'w') as f:
+        f.writelines(lines)
+      os.replace(path + '.tmp', path)
+    self._jsonl = open(path, 'a')  # noqa: SIM115 - closed in close()
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

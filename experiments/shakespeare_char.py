@@ -4,8 +4,10 @@
       --workdir=workdirs/shakespeare_cpu
 
 Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups: sizes, batch,
-steps, schedule) and model=transformer|rnn|lstm|gru (rnn is the Elman RNN; the recurrent
-models are char-rnn-like: 2 layers of 512, trained statefully on consecutive windows).
+steps, schedule) and model=transformer|rnn|lstm|gru|conv|wavenet (rnn is the Elman RNN; the
+recurrent models are char-rnn-like: 2 layers of 512, trained statefully on consecutive
+windows; conv is a plain causal-conv stack seeing 33 characters, wavenet a dilated gated
+one whose receptive field is about twice the preset's window).
 Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
 validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
 """
@@ -15,7 +17,7 @@ from ar_jax.config import defaults, parse_arg
 
 CHOICES = {
   'preset': ('nanogpt_cpu', 'nanogpt_gpu'),
-  'model': ('transformer', 'rnn', 'lstm', 'gru'),
+  'model': ('transformer', 'rnn', 'lstm', 'gru', 'conv', 'wavenet'),
 }
 CELLS = {'rnn': 'elman', 'lstm': 'lstm', 'gru': 'gru'}
 
@@ -69,6 +71,8 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 1000  # minutes apart on one GPU
   if args['model'] in CELLS:
     recurrent(c, CELLS[args['model']])
+  elif args['model'] in ('conv', 'wavenet'):
+    convolutional(c, wavenet=args['model'] == 'wavenet')
   return c
 
 
@@ -86,3 +90,22 @@ def recurrent(c, cell: str) -> None:
   c.optim.learning_rate = 2e-3  # char-rnn's; recurrent nets take a higher rate than GPTs
   c.optim.min_learning_rate = 2e-4
   c.optim.weight_decay = 0.0  # char-rnn regularizes with dropout only
+
+
+def convolutional(c, wavenet: bool) -> None:
+  """A causal-conv model in place of the transformer, on the preset's data and budget. Its
+  context is its receptive field, so it is sized to the preset's window (seq_len)."""
+  c.model = models.default_config('conv')
+  c.model.channels = 256
+  c.model.head_channels = 256
+  if wavenet:  # dilations 1 .. 2^(n-1), twice: a field of 2 * (2^n - 1) + 1 >= 2 * seq_len
+    c.model.layers_per_block = max(1, (c.data.seq_len - 1).bit_length())
+    c.model.num_blocks = 2
+    c.model.skip_channels = 256
+  else:  # the plain stack: ReLU, dilation 1, kernel 5: a field of 4 * 8 + 1 = 33 characters
+    c.model.dilation_base = 1
+    c.model.gated = False
+    c.model.skip_channels = 0
+    c.model.kernel_size = 5
+    c.model.layers_per_block = 8
+  c.optim.weight_decay = 0.0  # the conv weights are shared over time; no decay, as WaveNet

@@ -1,19 +1,21 @@
-"""Test setup: 8 simulated CPU devices (set before jax loads), shared data, tiny configs."""
+"""Test setup: 8 simulated CPU devices (set before jax loads) and the shared test data."""
 
 import os
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
+# Many tests (and their subprocesses, which inherit this) compile the same small programs:
+# a persistent compilation cache for the session compiles each once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', f'/tmp/ar_jax_test_jax_cache_{os.getuid()}')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ar_jax import config as config_lib  # noqa: E402
+from tests.helpers import REPO  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
@@ -45,36 +47,3 @@ def text_file(tmp_path) -> pathlib.Path:
   path = tmp_path / 'corpus.txt'
   path.write_text('\n'.join(lines) + '\n')
   return path
-
-
-def tiny_config(path: pathlib.Path | str = '', **overrides):
-  """A transformer small enough to compile and train in seconds, on data.path, one device."""
-  c = config_lib.defaults()
-  c.data.name = 'files'
-  c.data.path = str(path)
-  c.data.tokenizer = 'char'
-  c.data.seq_len = 16
-  c.model.num_layers = 2
-  c.model.num_heads = 2
-  c.model.d_model = 16
-  c.model.max_len = 32
-  c.batch_size = 8
-  c.num_train_steps = 6
-  c.log_every_steps = 2
-  c.eval_every_steps = 3
-  c.eval_batches = 2
-  c.checkpoint_every_steps = 3
-  c.optim.warmup_steps = 1
-  c.mesh.data = 1
-  c.sample.max_new_tokens = 8
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def read_jsonl(path) -> list[dict]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, read_jsonl
+from tests.helpers import REPO, read_jsonl
 
 # The quickstart config, shrunk to seconds. The cosine length is fixed (decay_steps) so a
 # run stopped at step 4 and resumed to 8 has the same schedule as one run straight to 8.
@@ -151,3 +151,34 @@ def test_bad_config_arg_is_named(tmp_path):
   )
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert "preset='tiny'; allowed: nanogpt_cpu, nanogpt_gpu" in out.stderr
+
+
+def test_sample_cli_writes_samples_and_beams_of_a_prompts_file(resumed_run, tmp_path):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('def \nimport os\n')
+  args = [f'--workdir={resumed_run}', f'--prompts_file={prompts}', '--max_new_tokens=12']
+  ar_jax('sample', *args, '--num_samples=2', '--top_k=5', f'--output={tmp_path}/s.jsonl')
+  samples = read_jsonl(tmp_path / 's.jsonl')
+  assert [(r['prompt'], r['sample']) for r in samples] == [
+    ('def ', 0),
+    ('def ', 1),
+    ('import os', 0),
+    ('import os', 1),
+  ]
+  for r in samples:
+    assert 1 <= len(r['tokens']) == len(r['log_probs']) <= 12
+    assert all(lp <= 0 for lp in r['log_probs'])
+    assert r['score'] == pytest.approx(r['log_prob']) == pytest.approx(sum(r['log_probs']))
+
+  beam_args = ['--beam_size=3', '--num_samples=2', '--length_penalty=1.0']
+  out = ar_jax('sample', *args, *beam_args, f'--output={tmp_path}/b.jsonl')
+  beams = read_jsonl(tmp_path / 'b.jsonl')
+  assert [(r['prompt'], r['sample']) for r in beams] == [
+    (r['prompt'], r['sample']) for r in samples
+  ]
+  assert out.stdout.count('=== prompt ') == 4
+  for best, second in (beams[:2], beams[2:]):
+    assert best['score'] >= second['score']
+  for r in beams:
+    penalty = (5 + len(r['tokens'])) / 6
+    assert r['score'] == pytest.approx(r['log_prob'] / penalty, rel=1e-5)

@@ -5,7 +5,7 @@ import pytest
 from ar_jax import data
 from ar_jax.data import pipeline, sources, tokenizers
 from ar_jax.errors import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_char_tokenizer_roundtrip_and_saved(tmp_path):

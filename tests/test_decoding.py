@@ -1,3 +1,9 @@
+"""Decoding: every strategy against its definition, on every model family available."""
+
+import functools
+import itertools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,49 +15,278 @@ from ar_jax import decoding, models
 from ar_jax.errors import ConfigError
 
 V = 11
+# Small sizes by family (fast to compile); a family not named here runs with its defaults.
+TINY = {
+  'transformer': dict(num_layers=2, num_heads=2, d_model=16, max_len=24),
+  'rnn': dict(num_layers=2, d_embed=16, d_hidden=16),
+  'conv': dict(channels=16, layers_per_block=3, skip_channels=16, head_channels=16),
+  'pixelcnn': dict(num_layers=2, features=16, head_features=16),
+}
+FAMILIES = [(name, ()) for name in models.available()]
 
 
-@pytest.fixture(scope='module')
-def model_and_params():
-  cfg = ml_collections.ConfigDict(
-    dict(name='transformer', num_layers=2, num_heads=2, d_model=16, max_len=20)
+@functools.cache
+def tiny_model(name: str, vocab_size: int, seed: int = 0, overrides: tuple = ()):
+  """A small model of family `name`, with random parameters.
+
+  Any parameters make a model; drawing them with numpy skips compiling the initializers,
+  which takes seconds on CPU. Matrices get variance 1 / fan-in (taking every axis but the
+  last as input), so logits stay of order one however deep the family's stack.
+  """
+  given = {'name': name, **TINY.get(name, {}), **dict(overrides)}
+  model = models.get_model(ml_collections.ConfigDict(given), vocab_size)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(0.0, 1 / math.sqrt(math.prod(s.shape[:-1])), s.shape), s.dtype
+    ),
+    nn.unbox(shapes['params']),
   )
-  model = models.get_model(cfg, V)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
-  # Sharpen the output so greedy paths are not decided by float noise.
-  params['head']['kernel'] = params['head']['kernel'] * 30
   return model, params
 
 
-def test_cached_greedy_equals_argmax_of_full_forward(model_and_params):
-  model, params = model_and_params
-  prompts = jnp.array([[1, 2, 3], [4, 5, 6]])
-  out = decoding.generate(model, params, prompts, 8, jax.random.key(0), temperature=0.0)
-  # No cache: the whole prefix every step. Zero padding after it changes nothing (causal),
-  # and keeps one compiled shape.
-  forward = jax.jit(lambda t: model.apply({'params': params}, t))
-  tokens = jnp.zeros((2, 11), jnp.int32).at[:, :3].set(prompts)
-  for t in range(3, 11):
-    tokens = tokens.at[:, t].set(jnp.argmax(forward(tokens)[:, t - 1], -1))
-  np.testing.assert_array_equal(out, tokens)
+@pytest.fixture(scope='module', params=FAMILIES, ids=lambda f: f[0])
+def family(request):
+  name, overrides = request.param
+  return tiny_model(name, V, overrides=overrides)
 
 
-def test_top_k_one_is_greedy(model_and_params):
-  model, params = model_and_params
-  prompts = jnp.array([[7, 1]])
-  greedy = decoding.generate(model, params, prompts, 6, jax.random.key(0), temperature=0.0)
-  top1 = decoding.generate(model, params, prompts, 6, jax.random.key(3), top_k=1)
-  np.testing.assert_array_equal(greedy, top1)
+# Copying and reordering caches (samples, beams) also on a cache whose batch axis is not 0.
+@pytest.fixture(
+  scope='module',
+  params=[*FAMILIES, ('transformer', (('scan_layers', True),))],
+  ids=lambda f: '-'.join([f[0], *(k for k, _ in f[1])]),
+)
+def family_and_layout(request):
+  name, overrides = request.param
+  return tiny_model(name, V, overrides=overrides)
 
 
-def test_sampling_depends_on_the_key_only(model_and_params):
-  model, params = model_and_params
-  prompts = jnp.array([[7, 1]] * 4)
-  a = decoding.generate(model, params, prompts, 12, jax.random.key(1), temperature=2.0)
-  b = decoding.generate(model, params, prompts, 12, jax.random.key(1), temperature=2.0)
-  c = decoding.generate(model, params, prompts, 12, jax.random.key(2), temperature=2.0)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+PROMPTS = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
+LENGTHS = np.array([3, 5, 1])
+NEW = 8  # new tokens per prompt in the family tests
+
+
+def segments(a, starts, stops, width: int = NEW) -> np.ndarray:
+  """Entries starts[r]:stops[r] of each row of a [..., L] array, left-aligned, zero-padded to
+  width (one width: one compiled score)."""
+  a = np.asarray(a).reshape(len(starts), -1)
+  out = np.zeros((len(a), width), a.dtype)
+  for r, (start, stop) in enumerate(zip(starts, stops, strict=True)):
+    out[r, : stop - start] = a[r, start:stop]
+  return out
+
+
+def check_against_score(model, params, out: decoding.Generation, prompts, prompt_lengths):
+  """Asserts that out's log-probabilities (from the cached step) are those of a full forward;
+  returns the teacher-forced total of each row and each row's continuation length."""
+  ends = np.asarray(out.lengths).reshape(-1)
+  new = ends - prompt_lengths
+  total, per_token = decoding.score(
+    model,
+    params,
+    prompts,
+    segments(out.tokens, prompt_lengths, ends),
+    prompt_lengths=prompt_lengths,
+    continuation_lengths=new,
+  )
+  np.testing.assert_allclose(per_token, segments(out.log_probs, prompt_lengths, ends), atol=1e-4)
+  return np.asarray(total), new
+
+
+def test_cached_greedy_equals_the_full_forward_for_prompts_of_any_length(family):
+  model, params = family
+  out = decoding.generate(
+    model, params, PROMPTS, NEW, jax.random.key(0), prompt_lengths=LENGTHS, temperature=0.0
+  )
+  # No cache: the whole prefix every step, each row fed its own prompt while inside it.
+  # Zeros after the prefix change nothing (causal) and keep one compiled shape.
+  forward = jax.jit(lambda t: jax.nn.log_softmax(model.apply({'params': params}, t)))
+  L = PROMPTS.shape[1] + NEW
+  tokens = np.zeros((3, L), np.int32)
+  tokens[:, :5] = np.where(np.arange(5) < LENGTHS[:, None], PROMPTS, 0)
+  log_probs = np.zeros((3, L), np.float32)
+  for t in range(1, L):
+    log_p = np.asarray(forward(tokens)[:, t - 1])
+    for b in range(3):
+      if LENGTHS[b] <= t < LENGTHS[b] + NEW:
+        tokens[b, t] = np.argmax(log_p[b])
+        log_probs[b, t] = log_p[b].max()
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.lengths, LENGTHS + NEW)
+  np.testing.assert_allclose(out.log_probs, log_probs, atol=1e-4)
+
+
+def test_sampled_and_beam_log_probs_equal_the_teacher_forced_score(family_and_layout):
+  """The cached step's log-probabilities along sampled paths and along beams (caches copied
+  and reordered on the model's batch axis) equal one full forward's."""
+  model, params = family_and_layout
+  sample = functools.partial(
+    decoding.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, top_k=6, num_samples=2
+  )
+  endless = np.asarray(sample(jax.random.key(1)).tokens)
+  eos = int(endless[0, LENGTHS[0] + 2])  # the third token sampled in the first row
+  out = sample(jax.random.key(1), eos_id=eos)
+  rows = np.repeat(PROMPTS, 2, axis=0), np.repeat(LENGTHS, 2)
+  total, new = check_against_score(model, params, out, *rows)
+  np.testing.assert_allclose(total, out.scores, atol=1e-4)
+  # The same draws (the key decides them), each row cut after its first eos.
+  assert new[0] <= 3
+  np.testing.assert_array_equal(
+    out.tokens, np.where(np.arange(endless.shape[1]) < out.lengths[:, None], endless, 0)
+  )
+  samples = segments(out.tokens, rows[1], rows[1] + new)
+  assert not np.array_equal(samples[0::2], samples[1::2]), 'the samples of each prompt agree'
+  assert not np.array_equal(sample(jax.random.key(2), eos_id=eos).tokens, out.tokens)
+
+  beams = decoding.beam_search(
+    model, params, PROMPTS, NEW, beam_size=2, prompt_lengths=LENGTHS, eos_id=eos
+  )
+  total, new = check_against_score(model, params, beams, *rows)
+  penalized = total / decoding.length_penalty(new, 0.6)
+  np.testing.assert_allclose(np.asarray(beams.scores).reshape(-1), penalized, atol=1e-4)
+  assert (beams.scores[:, 0] >= beams.scores[:, 1]).all()
+
+
+def test_greedy_equals_beam_of_one_top_k_one_and_a_tiny_top_p():
+  model, params = tiny_model('transformer', V)
+  beam = decoding.beam_search(
+    model, params, PROMPTS, NEW, beam_size=1, length_penalty_alpha=0.0, prompt_lengths=LENGTHS
+  )
+  # Beam search without an end-of-sequence token: with one, a beam of one keeps a hypothesis
+  # that ended at an eos ranked second, and greedy decoding does not.
+  beam_tokens = np.asarray(beam.tokens[:, 0])
+  eos = int(beam_tokens[0, LENGTHS[0] + 2])  # the third token generated in the first row
+  run = functools.partial(
+    decoding.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, eos_id=eos
+  )
+  greedy = run(jax.random.key(0), temperature=0.0)
+  ends = np.asarray(greedy.lengths)
+  assert ends[0] <= LENGTHS[0] + 3 and greedy.tokens[0, ends[0] - 1] == eos
+  # Greedy with eos is greedy without it, cut after the first eos.
+  cut = np.where(np.arange(beam_tokens.shape[1]) < ends[:, None], beam_tokens, 0)
+  np.testing.assert_array_equal(greedy.tokens, cut)
+  for other in (run(jax.random.key(3), top_k=1), run(jax.random.key(4), top_p=1e-6)):
+    np.testing.assert_array_equal(other.tokens, greedy.tokens)
+    np.testing.assert_array_equal(other.lengths, greedy.lengths)
+    np.testing.assert_allclose(other.log_probs, greedy.log_probs, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def log_softmax_forward(model, params, tokens_BT):
+  return jax.nn.log_softmax(model.apply({'params': params}, tokens_BT))
+
+
+def brute_force(model, params, prompt, new: int, eos: int, width: int) -> dict:
+  """Every hypothesis of up to `new` tokens after prompt (ended by eos or by the length), and
+  its log-probability, from the full forward (over `width` positions: one compiled shape)."""
+  vocab = model.config.vocab_size
+  every = np.array(list(itertools.product(range(vocab), repeat=new)))
+  tokens = np.zeros((len(every), width), np.int32)
+  tokens[:, : len(prompt)], tokens[:, len(prompt) : len(prompt) + new] = prompt, every
+  log_p = np.asarray(log_softmax_forward(model, params, tokens))
+  hypotheses = {}
+  for row, continuation in enumerate(every):
+    n = next((i + 1 for i, tok in enumerate(continuation) if tok == eos), new)
+    hypotheses[tuple(continuation[:n])] = sum(
+      log_p[row, len(prompt) - 1 + i, continuation[i]] for i in range(n)
+    )
+  return hypotheses
+
+
+def check_beams(beams: decoding.Generation, b: int, prompt_length: int, log_p: dict, alpha):
+  """Asserts that row b of beams holds the W best hypotheses, by log p / the GNMT length
+  penalty, best first; returns them."""
+  W = beams.scores.shape[1]
+  scores = {h: lp / ((5 + len(h)) / 6) ** alpha for h, lp in log_p.items()}
+  best = sorted(scores, key=scores.get, reverse=True)[:W]
+  found = [tuple(beams.tokens[b, w, prompt_length : beams.lengths[b, w]]) for w in range(W)]
+  assert found == best
+  np.testing.assert_allclose(beams.scores[b], [scores[h] for h in best], rtol=1e-5)
+  return best
+
+
+def test_beam_search_returns_the_top_w_of_brute_force_enumeration():
+  """V = 4 with eos = 3 and 3 new tokens: a beam of W = 9 (every unfinished prefix of two
+  tokens) must find exactly the 9 best of the 40 hypotheses, with and without a length
+  penalty, for prompts of different lengths."""
+  eos, new, W = 3, 3, 9
+  model, params = tiny_model('transformer', 4, seed=1)
+  prompts, lengths = np.array([[2, 0], [1, 2]]), np.array([1, 2])
+  log_p = [brute_force(model, params, prompts[b, :P], new, eos, 5) for b, P in enumerate(lengths)]
+  assert [len(h) for h in log_p] == [40, 40]
+  for alpha in (0.0, 1.5):
+    beams = decoding.beam_search(
+      model,
+      params,
+      prompts,
+      new,
+      beam_size=W,
+      length_penalty_alpha=alpha,
+      prompt_lengths=lengths,
+      eos_id=eos,
+    )
+    for b, P in enumerate(lengths):
+      best = check_beams(beams, b, P, log_p[b], alpha)
+      assert len({len(h) for h in best}) > 1, 'no best hypothesis ended at eos: too easy a case'
+
+
+def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
+  """V = 2 (a token and eos): one unfinished prefix at each length, so W = 2 is exact. Two
+  hypotheses have ended after two steps, yet under a strong length penalty a longer one
+  wins: the search must go on while an unfinished beam could still beat them."""
+  eos, new, alpha = 1, 8, 2.0
+  model, params = tiny_model('transformer', 2, seed=1)
+  beams = decoding.beam_search(
+    model, params, np.array([[0]]), new, beam_size=2, length_penalty_alpha=alpha, eos_id=eos
+  )
+  log_p = brute_force(model, params, [0], new, eos, 1 + new)
+  best = check_beams(beams, 0, 1, log_p, alpha)
+  assert len(best[0]) > 2, 'the best hypothesis ended within two steps: too easy a case'
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+  """The distribution sampling should draw from, computed here with numpy alone."""
+  z = np.asarray(logits, np.float64) / temperature
+  probs = np.exp(z - z.max())
+  order = np.argsort(-probs)
+  if top_k:
+    probs[order[top_k:]] = 0.0
+  probs /= probs.sum()
+  before = np.cumsum(probs[order]) - probs[order]
+  probs[order[before >= top_p]] = 0.0
+  return probs / probs.sum()
+
+
+# Upper 0.001 points of the chi-square distribution by degrees of freedom (NIST/SEMATECH
+# e-Handbook, table 1.3.6.7.4): a correct sampler fails one of these tests once in 1,000 seeds.
+CHI2_CRITICAL_0_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458}
+
+
+@pytest.mark.parametrize(
+  'temperature, top_k, top_p', [(0.6, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (1.7, 5, 0.75)]
+)
+def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k, top_p):
+  logits = np.log([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05])
+  draws = 20_000
+  tokens = decoding.sample_token(
+    jnp.tile(jnp.asarray(logits, jnp.float32), (draws, 1)),
+    jax.random.key(0),
+    temperature,
+    top_k,
+    top_p,
+  )
+  counts = np.bincount(np.asarray(tokens), minlength=len(logits))
+  expected = draws * filtered_probs(logits, temperature, top_k, top_p)
+  kept = expected > 0
+  assert counts[~kept].sum() == 0, f'drew filtered-out tokens: {counts} vs {expected}'
+  chi2 = (((counts - expected)[kept]) ** 2 / expected[kept]).sum()
+  critical = CHI2_CRITICAL_0_001[kept.sum() - 1]
+  assert chi2 < critical, f'chi2 {chi2:.1f} >= {critical} with {kept.sum() - 1} df'
+  # The test has power: the same draws are far from the unfiltered, untempered distribution.
+  plain = draws * filtered_probs(logits, 1.0, 0, 1.0)
+  assert ((counts - plain) ** 2 / plain).sum() > 10 * CHI2_CRITICAL_0_001[len(logits) - 1]
 
 
 @pytest.mark.parametrize('p, kept', [(0.5, 1), (0.7, 2), (0.8, 2), (0.81, 3), (1.0, 4)])
@@ -69,7 +304,11 @@ def test_temperature_scales_before_top_k():
   np.testing.assert_allclose(filtered, [[-np.inf, 6.0, 4.0]])
 
 
-def test_more_tokens_than_the_context_is_refused(model_and_params):
-  model, params = model_and_params
-  with pytest.raises(ConfigError, match="= 21 exceeds the model's context of 20 positions"):
-    decoding.generate(model, params, jnp.zeros((1, 5), jnp.int32), 16, jax.random.key(0))
+def test_more_tokens_than_the_context_is_refused():
+  model, params = tiny_model('transformer', V)
+  with pytest.raises(ConfigError, match="= 25 exceeds the model's context of 24 positions"):
+    decoding.generate(model, params, jnp.zeros((1, 5), jnp.int32), 20, jax.random.key(0))
+  with pytest.raises(ConfigError, match=r'prompt_lengths must be in \[0, 5\]'):
+    decoding.beam_search(
+      model, params, jnp.zeros((2, 5), jnp.int32), 4, beam_size=2, prompt_lengths=[2, 6]
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ar_jax import models, train
-from tests.conftest import read_jsonl, tiny_config
+from tests.helpers import read_jsonl, tiny_config
 
 
 def make(vocab=11, eos_id=None, **fields):

@@ -5,7 +5,7 @@ import pytest
 from ar_jax import optim, train
 from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError
-from tests.conftest import read_jsonl, tiny_config
+from tests.helpers import read_jsonl, tiny_config
 
 
 def one_step(cfg, workdir):

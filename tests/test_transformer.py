@@ -96,7 +96,7 @@ def test_flops_per_token_matches_xla_count():
     (dict(d_model=0), 'model.d_model must be positive, got 0'),
     (dict(remat='some'), "model.remat='some'"),
     (dict(depth=3), "model 'transformer' has no field"),
-    (dict(name='mamba'), "unknown model.name='mamba'; available: rnn, transformer"),
+    (dict(name='mamba'), f"unknown model.name='mamba'; available: {', '.join(models.available())}"),
   ],
 )
 def test_bad_model_configs_are_named(fields, message):

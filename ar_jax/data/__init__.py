@@ -1,11 +1,15 @@
-"""Data: sources (TFDS, files, the embedded corpus) -> tokenizer -> token streams -> batches."""
+"""Data: sources (TFDS, files, the embedded corpus) -> tokenizer -> token streams -> batches.
+
+Images (data.tokenizer = 'pixel') and audio ('mulaw') are read as arrays, not text: their
+modules make the streams.
+"""
 
 import dataclasses
 from typing import Any
 
 import numpy as np
 
-from ar_jax.data import sources, tokenizers
+from ar_jax.data import audio, images, sources, tokenizers
 from ar_jax.data.tokenizers import Tokenizer
 
 
@@ -18,6 +22,14 @@ class TokenStreams:
 
 def load(data: Any, tokenizer: Tokenizer | None = None) -> TokenStreams:
   """Reads config.data's splits and tokenizes them; builds the tokenizer unless given one."""
+  if data.tokenizer in tokenizers.VALUE_KINDS:
+    module = images if data.tokenizer == 'pixel' else audio
+    tokenizer, streams = module.load(data, tokenizer)
+    return TokenStreams(
+      tokenizer=tokenizer,
+      train=streams[data.train_split],
+      eval={split: streams[split] for split in data.eval_splits},
+    )
   docs = sources.load_splits(data, [data.train_split, *data.eval_splits])
   if tokenizer is None:
     tokenizer = tokenizers.build(data.tokenizer, docs[data.train_split])

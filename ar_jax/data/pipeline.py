@@ -13,7 +13,7 @@ import numpy as np
 
 from ar_jax.errors import check
 
-SAMPLINGS = ('random', 'sequential')
+SAMPLINGS = ('random', 'sequential', 'examples')
 _ENDLESS = 1 << 40  # more batches than any run takes; the iterator state is the index
 
 
@@ -33,6 +33,8 @@ def train_iterator(
   sampling='sequential': the stream cut into batch_size contiguous parts; row r of batch i
   is window i of part r, so consecutive batches continue each row's text (for stateful,
   truncated-BPTT training), wrapping around at the end of a part.
+  sampling='examples': the stream is whole examples of seq_len + 1 tokens each (an image: BOS
+  and its sub-pixels); every row is one of them, drawn uniformly.
   """
   check(sampling in SAMPLINGS, f'data.sampling={sampling!r}; allowed: {", ".join(SAMPLINGS)}')
   check(
@@ -46,6 +48,10 @@ def train_iterator(
     + (f'{batch_size} streams of ' if sampling == 'sequential' else 'one window of ')
     + f'seq_len + 1 = {window}',
   )
+  check(
+    sampling != 'examples' or len(tokens) % window == 0,
+    f'the training split has {len(tokens)} tokens, not whole examples of seq_len + 1 = {window}',
+  )
   local = batch_size // process_count
   rows = slice(process_index * local, (process_index + 1) * local)
   offsets = np.arange(window)
@@ -55,6 +61,12 @@ def train_iterator(
     def starts(i):
       rng = np.random.default_rng([seed, i])
       return rng.integers(0, len(tokens) - window + 1, size=batch_size)[rows]
+
+  elif sampling == 'examples':
+
+    def starts(i):
+      rng = np.random.default_rng([seed, i])
+      return rng.integers(0, len(tokens) // window, size=batch_size)[rows] * window
 
   else:
     part = len(tokens) // batch_size
@@ -80,26 +92,38 @@ def eval_batches(
   max_batches: int = 0,
   process_index: int = 0,
   process_count: int = 1,
+  examples: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Consecutive windows that predict every token of the split after the first exactly once.
+  """Consecutive windows that predict every token of the split after the first exactly once;
+  with examples=True, the split's whole examples of seq_len + 1 tokens, every target of each.
 
   Yields (tokens [B_local, seq_len + 1] int32, weights [B_local, seq_len] float32); weights
   are 0 on padding. max_batches > 0 stops early.
   """
   check(len(tokens) >= 2, f'an evaluation split has {len(tokens)} tokens; it needs at least 2')
-  num_windows = -(-(len(tokens) - 1) // seq_len)
+  if examples:
+    stride = seq_len + 1
+    check(
+      len(tokens) % stride == 0,
+      f'an evaluation split has {len(tokens)} tokens, not whole examples of {stride}',
+    )
+    num_windows = len(tokens) // stride
+    padded, valid = np.asarray(tokens, np.int32), np.ones(len(tokens), np.float32)
+  else:
+    stride = seq_len
+    num_windows = -(-(len(tokens) - 1) // seq_len)
+    padded = np.zeros(num_windows * seq_len + 1, np.int32)
+    padded[: len(tokens)] = tokens
+    valid = np.zeros(num_windows * seq_len, np.float32)
+    valid[: len(tokens) - 1] = 1.0
   num_batches = -(-num_windows // batch_size)
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)
   local = batch_size // process_count
-  padded = np.zeros(num_windows * seq_len + 1, np.int32)
-  padded[: len(tokens)] = tokens
-  valid = np.zeros(num_windows * seq_len, np.float32)
-  valid[: len(tokens) - 1] = 1.0
   for b in range(num_batches):
     w = b * batch_size + process_index * local + np.arange(local)
     in_range = w < num_windows
-    starts = np.where(in_range, w, 0) * seq_len
+    starts = np.where(in_range, w, 0) * stride
     batch = padded[starts[:, None] + np.arange(seq_len + 1)]
     weights = valid[starts[:, None] + np.arange(seq_len)] * in_range[:, None]
     yield batch, weights

@@ -71,7 +71,9 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
-def _tfds_documents(data: Any, split: str) -> list[bytes]:
+def tfds_source(data: Any, split: str):
+  """The random-access TFDS source of one split of data.name (also for data/images.py and
+  data/audio.py), or a ConfigError that says why there is none."""
   import tensorflow_datasets as tfds  # Imported here: it is slow to import and not always needed.
 
   try:
@@ -88,8 +90,12 @@ def _tfds_documents(data: Any, split: str) -> list[bytes]:
     raise ConfigError(
       f'TFDS dataset {data.name!r} split {split!r} is not available under {where}: {reason}'
     ) from e
+  return source
+
+
+def _tfds_documents(data: Any, split: str) -> list[bytes]:
   docs = []
-  for example in source:
+  for example in tfds_source(data, split):
     check(
       data.text_feature in example,
       f'TFDS dataset {data.name!r} has no feature {data.text_feature!r}; '

@@ -1,4 +1,5 @@
-"""Character- and byte-level tokenizers, saved as JSON in the workdir."""
+"""Character- and byte-level tokenizers, and value tokenizers for images and audio, saved as
+JSON in the workdir."""
 
 import dataclasses
 import json
@@ -9,6 +10,9 @@ import numpy as np
 from ar_jax.errors import ConfigError, check
 
 KINDS = ('char', 'byte')
+# Tokens that are numbers: sub-pixel values (data/images.py), mu-law audio levels
+# (data/audio.py). Text reads and writes them as whitespace-separated integers.
+VALUE_KINDS = ('pixel', 'mulaw')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,13 @@ class Tokenizer:
 
   @property
   def token_bytes(self) -> np.ndarray:
-    """UTF-8 bytes each token stands for (0 for end-of-sequence): bits per byte counts these."""
+    """UTF-8 bytes each token stands for (0 for end-of-sequence): bits per byte counts these.
+    A value (an 8-bit sub-pixel, a mu-law sample) is one byte."""
+    if self.kind in VALUE_KINDS:
+      sizes = np.ones(self.vocab_size, np.int32)
+      if self.eos_id is not None:
+        sizes[self.eos_id] = 0
+      return sizes
     if self.kind == 'byte':
       sizes = [1] * 256
     else:
@@ -38,6 +48,8 @@ class Tokenizer:
     return np.array(sizes + [0] * (self.eos_id is not None), np.int32)
 
   def encode(self, text: str | bytes) -> np.ndarray:
+    if self.kind in VALUE_KINDS:
+      return self._encode_values(text if isinstance(text, str) else decode_utf8(text, 'text'))
     if self.kind == 'byte':
       raw = text.encode() if isinstance(text, str) else text
       return np.frombuffer(raw, np.uint8).astype(np.int32)
@@ -52,8 +64,22 @@ class Tokenizer:
       )
     return np.array([table[c] for c in text], np.int32)
 
+  def _encode_values(self, text: str) -> np.ndarray:
+    """'0 12 255' -> [BOS, 0, 12, 255] (BOS where the kind has one: an image starts with it)."""
+    levels = self.vocab_size - (self.eos_id is not None)
+    try:
+      values = [int(v) for v in text.split()]
+    except ValueError as e:
+      raise ConfigError(f'{self.kind} tokens are integers separated by spaces, got {text!r}') from e
+    bad = [v for v in values if not 0 <= v < levels]
+    check(not bad, f'{self.kind} values must be in [0, {levels}), got {bad[:5]}')
+    bos = [] if self.eos_id is None else [self.eos_id]
+    return np.array(bos + values, np.int32)
+
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids if int(i) != self.eos_id]
+    if self.kind in VALUE_KINDS:
+      return ' '.join(map(str, ids))
     if self.kind == 'byte':
       return bytes(ids).decode('utf-8', errors='replace')
     return ''.join(self.vocab[i] for i in ids)
@@ -95,6 +121,13 @@ def build(kind: str, train_docs: Sequence[bytes]) -> Tokenizer:
   if len(train_docs) > 1:
     return Tokenizer('char', vocab + ('<eos>',), eos_id=len(vocab))
   return Tokenizer('char', vocab, eos_id=None)
+
+
+def values(kind: str, levels: int, bos: bool) -> Tokenizer:
+  """Token v is the value v for v < levels; with bos, token `levels` starts every example."""
+  check(kind in VALUE_KINDS, f'value tokenizer kind {kind!r}; allowed: {", ".join(VALUE_KINDS)}')
+  vocab = tuple(str(v) for v in range(levels)) + (('<bos>',) if bos else ())
+  return Tokenizer(kind, vocab, eos_id=levels if bos else None)
 
 
 def load(path: str) -> Tokenizer:

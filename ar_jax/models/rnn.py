@@ -294,6 +294,7 @@ class Model(nn.Module):
 
   max_len = 0  # no positions: any length
   cache_batch_axis = 0
+  sequential = True  # feeding back its own samples costs no more than teacher forcing
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward matmul FLOPs per token (the gates' elementwise work is not counted)."""

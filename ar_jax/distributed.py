@@ -1,0 +1,35 @@
+"""Multi-host runs: one process per host (or per GPU), joined by jax.distributed."""
+
+import os
+
+import jax
+from absl import logging
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """Joins this process to the run's other processes, when there are others.
+
+  Explicit flags win (launch/local.py passes them). Otherwise JAX detects the cluster
+  itself under SLURM (srun) and on multi-host TPU VMs. A single process does nothing.
+  """
+  # A dead peer is noticed within this many seconds, and the others stop instead of hanging.
+  timeouts = {'heartbeat_timeout_seconds': 30, 'initialization_timeout': 120}
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
+  elif _on_cluster():
+    jax.distributed.initialize(**timeouts)
+  else:
+    return
+  logging.info(
+    'process %d of %d, %d local devices of %d',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+
+
+def _on_cluster() -> bool:
+  slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1'))
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return slurm_tasks > 1 or ',' in tpu_hosts

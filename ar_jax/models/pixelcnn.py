@@ -1,0 +1,319 @@
+"""PixelCNN (van den Oord et al. 2016): masked convolutions over an image in raster order.
+
+Under the model contract an image is the token sequence [BOS, x_1 .. x_N], its N = H * W * C
+sub-pixels in raster order (row by row, each pixel's channels in turn). The model un-shifts
+its input (drops BOS, pads the end) into an image, so the logits at position t, which predict
+sub-pixel t + 1, come out at that sub-pixel's place in the image, and masks keep them from
+seeing it or anything after it. Each sub-pixel gets a softmax over its `levels` values
+(256 for 8-bit images, 2 for binarized ones: a Bernoulli); the BOS logit is -inf.
+
+Masks (seed 003): type A (first layer) hides the current pixel, type B (later layers) shows
+it. With C > 1 channels the features are split into C groups, group c predicting channel c,
+and the current pixel's tap connects group c to input groups < c (A) or <= c (B).
+
+The plain PixelCNN stacks k x k masked convolutions, whose receptive field has a blind spot
+above and to the right. The gated PixelCNN (van den Oord et al. 2016, "Conditional Image
+Generation with PixelCNN Decoders") has none: a vertical stack sees every row above, a
+horizontal stack the current row to the left, and the vertical feeds the horizontal.
+
+Dimension legend: B batch, T time, N sub-pixels, H height, W width, C image channels,
+F features, L levels, V vocab (L + BOS), I/O conv input/output features.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ar_jax import decoding
+from ar_jax.errors import check
+from ar_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int  # decided by the tokenizer: the levels of a sub-pixel, and BOS
+  image_height: int = 8
+  image_width: int = 8
+  image_channels: int = 1  # C: 1 for grey, 3 for RGB (predicted in that order)
+  gated: bool = True  # gated vertical + horizontal stacks (no blind spot), else plain
+  num_layers: int = 6  # layers after the first (mask A) one
+  features: int = 64  # F, per stack; divisible by image_channels
+  kernel_size: int = 3  # k x k of the later layers (odd)
+  first_kernel_size: int = 7  # k x k of the first layer (odd)
+  head_features: int = 128  # the hidden 1x1 layer of the output head
+  dtype: str = 'float32'  # compute dtype of the convolutions; logits stay float32
+
+  def __post_init__(self):
+    for name in ('image_height', 'image_width', 'image_channels', 'num_layers', 'head_features'):
+      check(getattr(self, name) > 0, f'model.{name} must be positive, got {getattr(self, name)}')
+    check(
+      self.vocab_size >= 3,
+      f'vocab_size={self.vocab_size}: a PixelCNN needs at least 2 levels and BOS',
+    )
+    check(
+      self.features > 0 and self.features % self.image_channels == 0,
+      f'model.features={self.features} must be a positive multiple of '
+      f'model.image_channels={self.image_channels} (one feature group per channel)',
+    )
+    for name in ('kernel_size', 'first_kernel_size'):
+      size = getattr(self, name)
+      check(size > 0 and size % 2 == 1, f'model.{name} must be odd and positive, got {size}')
+    check(
+      self.dtype in ('float32', 'bfloat16', 'float16'),
+      f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
+    )
+
+  @property
+  def levels(self) -> int:
+    return self.vocab_size - 1
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.image_height, self.image_width, self.image_channels
+
+  @property
+  def num_subpixels(self) -> int:
+    return math.prod(self.image_shape)
+
+
+def groups(n: int, channels: int) -> np.ndarray:
+  """The channel group of each of n features: contiguous blocks, group c predicting channel c."""
+  return np.arange(n) * channels // n
+
+
+def mask(
+  kernel_hw: tuple[int, int],
+  in_groups_I: np.ndarray,
+  out_groups_O: np.ndarray,
+  mask_type: str,
+  centre: tuple[int, int] | None = None,
+) -> np.ndarray:
+  """The seed's mask, [kh, kw, I, O]: rows below the centre and the centre row after the
+  centre are zero; the centre tap itself is zero (A) or one (B) for a single channel, and
+  with channel groups connects output group g to input groups < g (A) or <= g (B)."""
+  check(mask_type in ('A', 'B'), f"mask type must be 'A' or 'B', got {mask_type!r}")
+  kh, kw = kernel_hw
+  ch, cw = centre or (kh // 2, kw // 2)
+  m = np.ones((kh, kw, len(in_groups_I), len(out_groups_O)), np.float32)
+  m[ch + 1 :] = 0.0
+  m[ch, cw + 1 :] = 0.0
+  if mask_type == 'A':
+    m[ch, cw] = out_groups_O[None, :] > in_groups_I[:, None]
+  else:
+    m[ch, cw] = out_groups_O[None, :] >= in_groups_I[:, None]
+  return m
+
+
+class Conv2D(nn.Module):
+  """A 2-D convolution with explicit padding and an optional fixed mask on its kernel."""
+
+  features: int
+  kernel_hw: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  mask: np.ndarray | None = None  # [kh, kw, I, O], applied to the kernel on every call
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWI):
+    kernel = self.param(
+      'kernel',
+      layers.partitioned(
+        nn.initializers.lecun_normal(), ('conv_height', 'conv_width', 'conv_in', 'conv_channels')
+      ),
+      (*self.kernel_hw, x_BHWI.shape[-1], self.features),
+    )
+    if self.mask is not None:
+      kernel = kernel * self.mask
+    bias = self.param('bias', layers.zeros_init(('conv_channels',)), (self.features,))
+    y_BHWO = jax.lax.conv_general_dilated(
+      x_BHWI.astype(self.dtype),
+      kernel.astype(self.dtype),
+      window_strides=(1, 1),
+      padding=self.padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    return y_BHWO + bias.astype(self.dtype)
+
+
+def _masked(features, k, in_groups, out_groups, mask_type, dtype, name):
+  """A k x k masked convolution ('same' size output)."""
+  return Conv2D(
+    features,
+    (k, k),
+    ((k // 2, k // 2), (k // 2, k // 2)),
+    mask((k, k), in_groups, out_groups, mask_type),
+    dtype,
+    name=name,
+  )
+
+
+def _gate(z_BHW2F):
+  filter_BHWF, gate_BHWF = jnp.split(z_BHW2F, 2, axis=-1)
+  return jnp.tanh(filter_BHWF) * jax.nn.sigmoid(gate_BHWF)
+
+
+class GatedLayer(nn.Module):
+  """One layer of both stacks. The vertical stack at row h sees image rows < h only; the
+  horizontal stack at (h, w) sees the row to the left (and, after the first layer, its own
+  current pixel, which by then holds nothing of the pixel's ungenerated sub-pixels).
+
+  Vertical: a (k//2 + 1) x k kernel over rows h - k//2 .. h of its input; the first layer
+  shifts the image down one row first, so 'rows <= h of the input' is 'rows < h'.
+  Horizontal: a 1 x (k//2 + 1) kernel over columns w - k//2 .. w, masked at w (A or B).
+  """
+
+  features: int
+  kernel_size: int
+  channels: int
+  first: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, v_BHWI, h_BHWI):
+    F, k, C = self.features, self.kernel_size, self.channels
+    half = k // 2
+    in_groups = groups(h_BHWI.shape[-1], C)
+    gated_groups = np.concatenate([groups(F, C), groups(F, C)])  # filter and gate halves alike
+    if self.first:
+      v_BHWI = jnp.pad(v_BHWI, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+    v_BHW2F = Conv2D(2 * F, (half + 1, k), ((half, 0), (half, half)), None, self.dtype, name='v')(
+      v_BHWI
+    )
+    h_mask = mask((1, half + 1), in_groups, gated_groups, 'A' if self.first else 'B', (0, half))
+    h_BHW2F = Conv2D(2 * F, (1, half + 1), ((0, 0), (half, 0)), h_mask, self.dtype, name='h')(
+      h_BHWI
+    )
+    # The vertical features at (h, w) come from rows above only: any group may read them.
+    link = Conv2D(2 * F, (1, 1), ((0, 0), (0, 0)), None, self.dtype, name='v_to_h')
+    h_BHW2F = h_BHW2F + link(v_BHW2F)
+    out_mask = mask((1, 1), groups(F, C), groups(F, C), 'B')
+    h_out = Conv2D(F, (1, 1), ((0, 0), (0, 0)), out_mask, self.dtype, name='h_out')(_gate(h_BHW2F))
+    # No residual around the first layer: its input is the image, and its output the first
+    # features that may not see the current sub-pixel.
+    return _gate(v_BHW2F), h_out if self.first else h_BHWI + h_out
+
+
+class Model(nn.Module):
+  """Un-shift the tokens into an image, masked convolutions, a per-sub-pixel softmax."""
+
+  config: Config
+  deterministic: bool = True  # no dropout here; kept for the contract
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    F, C, L = cfg.features, cfg.image_channels, cfg.levels
+    if cfg.gated:
+      self.layers = [
+        GatedLayer(F, cfg.first_kernel_size if i == 0 else cfg.kernel_size, C, i == 0, dtype)
+        for i in range(cfg.num_layers + 1)
+      ]
+    else:
+      self.first = _masked(
+        F, cfg.first_kernel_size, groups(C, C), groups(F, C), 'A', dtype, 'first'
+      )
+      self.layers = [
+        _masked(F, cfg.kernel_size, groups(F, C), groups(F, C), 'B', dtype, f'layer_{i}')
+        for i in range(cfg.num_layers)
+      ]
+    head_groups = groups(cfg.head_features, C)
+    self.head_hidden = Conv2D(
+      cfg.head_features,
+      (1, 1),
+      ((0, 0), (0, 0)),
+      mask((1, 1), groups(F, C), head_groups, 'B'),
+      dtype,
+    )
+    self.head = Conv2D(
+      C * L, (1, 1), ((0, 0), (0, 0)), mask((1, 1), head_groups, groups(C * L, C), 'B'), dtype
+    )
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    """Teacher forcing on [BOS, x_1 .. x_{T-1}]: logits_BTV for x_1 .. x_T.
+
+    T may be N + 1 (a whole image and BOS, as decoding holds it); the last position, past the
+    image, predicts nothing and gets uniform logits.
+    """
+    cfg = self.config
+    B, T = tokens_BT.shape
+    N, L = cfg.num_subpixels, cfg.levels
+    check(
+      T <= N + 1,
+      f'sequence length {T} exceeds BOS + the {N} sub-pixels of a '
+      f'{"x".join(map(str, cfg.image_shape))} image',
+    )
+    values_BN = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, N + 1 - T)))
+    # Values to [-1, 1]; padding past the input is 0 there too, and no mask lets it through.
+    x_BN = values_BN.astype(jnp.float32) * (2.0 / (L - 1)) - 1.0
+    x_BHWC = self.perturb('embeddings', x_BN.reshape(B, *cfg.image_shape))
+    if cfg.gated:
+      v_BHWF, h_BHWF = x_BHWC, x_BHWC
+      for layer in self.layers:
+        v_BHWF, h_BHWF = layer(v_BHWF, h_BHWF)
+        h_BHWF = nn.with_logical_constraint(h_BHWF, ('batch', None, None, 'conv_channels'))
+    else:
+      h_BHWF = self.first(x_BHWC)
+      for layer in self.layers:
+        h_BHWF = h_BHWF + layer(jax.nn.relu(h_BHWF))
+        h_BHWF = nn.with_logical_constraint(h_BHWF, ('batch', None, None, 'conv_channels'))
+    out_BHWX = self.head(jax.nn.relu(self.head_hidden(jax.nn.relu(h_BHWF))))
+    logits_BNL = out_BHWX.astype(jnp.float32).reshape(B, N, L)
+    # BOS is never a sub-pixel: -inf keeps the softmax over the L levels alone.
+    logits_BNV = jnp.pad(logits_BNL, ((0, 0), (0, 1), (0, 1)))
+    logits_BNV = logits_BNV.at[:, :, L].set(-jnp.inf)
+    return logits_BNV[:, :T]
+
+  def step(self, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """Writes the T new tokens into the cached sequence and recomputes the whole image: a
+    masked conv stack has no cheap incremental state, and the image is small."""
+    T = tokens_BT.shape[1]
+    seq_BS = jax.lax.dynamic_update_slice_in_dim(cache['tokens'], tokens_BT, cache['index'], 1)
+    logits_BSV = self(seq_BS)
+    logits_BTV = jax.lax.dynamic_slice_in_dim(logits_BSV, cache['index'], T, axis=1)
+    return logits_BTV, {'index': cache['index'] + T, 'tokens': seq_BS}
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    check(max_len <= self.max_len, f'{max_len} positions exceed the image: {self.max_len}')
+    return {
+      'index': jnp.array(0, jnp.int32),
+      'tokens': jnp.zeros((batch_size, max_len), jnp.int32),
+    }
+
+  @property
+  def max_len(self) -> int:
+    """BOS and the N sub-pixels: decoding holds a whole image, though it reads only N."""
+    return self.config.num_subpixels + 1
+
+  cache_batch_axis = 0
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per sub-pixel: every conv's taps (masked ones too) at every pixel, / C."""
+    del seq_len
+    cfg = self.config
+    F, C, L, X = cfg.features, cfg.image_channels, cfg.levels, cfg.head_features
+    per_pixel = 2 * F * X + 2 * X * C * L
+    if cfg.gated:
+      for i in range(cfg.num_layers + 1):
+        k, d_in = (cfg.first_kernel_size, C) if i == 0 else (cfg.kernel_size, F)
+        half = k // 2
+        per_pixel += 2 * 2 * F * ((half + 1) * k * d_in + (half + 1) * d_in + 2 * F) + 2 * F * F
+    else:
+      per_pixel += 2 * cfg.first_kernel_size**2 * C * F
+      per_pixel += cfg.num_layers * 2 * cfg.kernel_size**2 * F * F
+    return float(per_pixel / C)
+
+
+def sample_images(
+  model: Model, params, rng: jax.Array, num_images: int, temperature: float = 1.0
+) -> np.ndarray:
+  """Whole images drawn pixel by pixel (sub-pixel by sub-pixel), [num_images, H, W, C]."""
+  cfg = model.config
+  bos_B1 = jnp.full((num_images, 1), cfg.levels, jnp.int32)
+  tokens = decoding.generate(
+    model, params, bos_B1, cfg.num_subpixels, rng, temperature=temperature
+  ).tokens
+  return np.asarray(tokens[:, 1:]).reshape(num_images, *cfg.image_shape).astype(np.uint8)
