@@ -90,6 +90,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data-parallel replicas; -1 = the devices left over
   c.mesh.fsdp = 1  # parameter/optimizer-state shards (batch is split over it too)
   c.mesh.tensor = 1  # tensor-parallel shards of heads, MLP and vocab
+  # Multi-slice: the sizes above are then per slice (ICI links), and these across slices
+  # (DCN); usually only data (or fsdp) crosses slices. A process counts as a slice on
+  # hardware without slices.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
   # Logical axis name -> mesh axes. A name not listed is replicated.
   c.sharding_rules = (
     ('batch', ('data', 'fsdp')),

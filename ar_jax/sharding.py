@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ar_jax.errors import check
@@ -21,8 +22,14 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
 
   Without a -1 the mesh takes the first data * fsdp * tensor devices, so a run can use
   fewer devices than the host has (one device on an 8-device host: sizes 1, 1, 1).
+  Multi-slice runs give across-slice (DCN) sizes, dcn_data and so on: the sizes above are
+  then per slice (ICI), and each mesh axis spans both. A slice is a TPU slice, or a process
+  on hardware without slices.
   """
   devices = list(jax.devices() if devices is None else devices)
+  dcn = [int(mesh_config.get(f'dcn_{a}', 1)) for a in AXES]
+  check(all(d > 0 for d in dcn), f'mesh DCN sizes must be positive: {dcn}')
+  per_slice = len(devices) // math.prod(dcn)
   sizes = [int(mesh_config[a]) for a in AXES]
   described = ', '.join(f'{a}={s}' for a, s in zip(AXES, sizes, strict=True))
   check(all(s == -1 or s > 0 for s in sizes), f'mesh sizes must be positive or -1: {described}')
@@ -30,17 +37,23 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     check(
-      len(devices) % known == 0,
-      f'mesh {described}: {len(devices)} devices are not divisible by {known}',
+      per_slice % known == 0,
+      f'mesh {described}: {per_slice} devices per slice are not divisible by {known}',
     )
-    sizes[sizes.index(-1)] = len(devices) // known
+    sizes[sizes.index(-1)] = per_slice // known
   check(
-    math.prod(sizes) <= len(devices),
-    f'mesh {described} needs {math.prod(sizes)} devices; {len(devices)} are present',
+    math.prod(sizes) * math.prod(dcn) <= len(devices),
+    f'mesh {described} needs {math.prod(sizes) * math.prod(dcn)} devices; '
+    f'{len(devices)} are present',
   )
-  return jax.make_mesh(
-    sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[: math.prod(sizes)]
+  axis_types = (AxisType.Auto,) * len(AXES)
+  if math.prod(dcn) == 1:
+    return jax.make_mesh(sizes, AXES, axis_types=axis_types, devices=devices[: math.prod(sizes)])
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  grid = mesh_utils.create_hybrid_device_mesh(
+    sizes, dcn, devices, process_is_granule=len(slices) == 1
   )
+  return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -48,14 +48,14 @@ def throughput(model: str) -> float:
   c.batch_size, c.data.seq_len = 32, 128
   c.num_train_steps, c.log_every_steps, c.steps_per_dispatch = 40, 8, 4
   c.eval_every_steps = c.checkpoint_every_steps = 1000
-  c.eval_batches, c.sample.max_new_tokens = 1, 1
+  c.eval_batches, c.sample.max_new_tokens, c.optim.warmup_steps = 1, 1, 5
   return steady_rate(run(c, model)[1])
 
 
 def budgeted(model: str, budget: float) -> tuple[float, int, float]:
   probe = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model}')
   probe.num_train_steps, probe.log_every_steps, probe.eval_batches = 60, 20, 1
-  probe.sample.max_new_tokens = 1
+  probe.sample.max_new_tokens, probe.optim.warmup_steps = 1, 10
   tokens_per_step = probe.batch_size * probe.data.seq_len
   steps = int(budget * steady_rate(run(probe, f'{model}_probe')[1]) / tokens_per_step)
   c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model}')

@@ -161,12 +161,15 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
     '--config.mesh.data=-1',
     '--config.checkpoint_every_steps=3',
   ]
-  for name, processes in (('one', 1), ('two', 2)):
-    out = cli(*args, f'--workdir={tmp_path / name}', processes=processes)
+  # 'dcn': the data axis spans the two processes as two slices of 2 devices (multi-slice).
+  runs = (('one', 1, []), ('two', 2, []), ('dcn', 2, ['--config.mesh.dcn_data=2']))
+  for name, processes, extra in runs:
+    out = cli(*args, *extra, f'--workdir={tmp_path / name}', processes=processes)
     assert out.returncode == 0, out.stderr[-3000:]
   losses = lambda d: [m['train/loss'] for m in read_jsonl(d / 'metrics.jsonl') if 'train/loss' in m]
   assert len(losses(tmp_path / 'one')) == 6
   np.testing.assert_allclose(losses(tmp_path / 'two'), losses(tmp_path / 'one'), rtol=1e-6)
+  np.testing.assert_allclose(losses(tmp_path / 'dcn'), losses(tmp_path / 'one'), rtol=1e-6)
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['3', '6']
 
 
