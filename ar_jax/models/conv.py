@@ -135,12 +135,7 @@ class Model(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     C, S = cfg.channels, cfg.skip_channels
-    self.embed = nn.Embed(
-      cfg.vocab_size,
-      C,
-      embedding_init=layers.partitioned(nn.initializers.normal(1.0), ('vocab', 'embed')),
-      name='embed',
-    )
+    self.embed = layers.token_embedding(cfg.vocab_size, C, stddev=1.0)
     self.convs = [
       CausalConv1D(2 * C if cfg.gated else C, cfg.kernel_size, d, dtype, name=f'conv_{i}')
       for i, d in enumerate(cfg.dilations)

@@ -31,6 +31,16 @@ def ones_init(names):
   return partitioned(nn.initializers.ones_init(), names)
 
 
+def token_embedding(vocab_size: int, width: int, stddev: float) -> nn.Embed:
+  """The token embedding every family starts with, named 'embed' with axes (vocab, embed)."""
+  return nn.Embed(
+    vocab_size,
+    width,
+    embedding_init=partitioned(nn.initializers.normal(stddev), ('vocab', 'embed')),
+    name='embed',
+  )
+
+
 def layer_norm(dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.LayerNorm:
   """LayerNorm over the embed axis; without a bias when the model has none (as nanoGPT)."""
   return nn.LayerNorm(

@@ -234,12 +234,7 @@ class Model(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed = nn.Embed(
-      cfg.vocab_size,
-      cfg.d_embed,
-      embedding_init=layers.partitioned(nn.initializers.normal(1.0), ('vocab', 'embed')),
-      name='embed',
-    )
+    self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_embed, stddev=1.0)
     self.layers = [
       RecurrentLayer(cfg, cfg.d_embed if i == 0 else cfg.d_hidden, name=f'layer_{i}')
       for i in range(cfg.num_layers)

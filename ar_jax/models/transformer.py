@@ -122,12 +122,7 @@ class Model(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed = nn.Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      embedding_init=layers.partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')),
-      name='embed',
-    )
+    self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
     if cfg.pos_encoding == 'learned':
       self.pos_embed = self.param(
         'pos_embed',
