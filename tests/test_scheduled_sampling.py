@@ -5,8 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import models, scheduled_sampling, train
-from tests.helpers import tiny_config
+from ar_jax import models, scheduled_sampling
 from tests.test_distributed import family_config, one_step
 
 
@@ -69,11 +68,3 @@ def test_eps_one_feeds_the_recurrent_model_its_own_samples():
   logits_other, _, fed_other = run(other)
   np.testing.assert_array_equal(fed_other, fed)
   np.testing.assert_allclose(logits_other, logits)
-
-
-def test_scheduled_sampling_trains_end_to_end(text_file, tmp_path):
-  cfg = tiny_config(text_file, num_train_steps=4)
-  cfg.scheduled_sampling.schedule = 'linear'
-  cfg.scheduled_sampling.steps = 4
-  final = train.train_and_evaluate(cfg, str(tmp_path))
-  assert np.isfinite(final['eval/loss'])

@@ -3,50 +3,8 @@ import numpy as np
 import pytest
 
 from ar_jax import optim, train
-from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError
 from tests.helpers import read_jsonl, tiny_config
-
-
-def one_step(cfg, workdir):
-  run = train.setup(cfg, str(workdir))
-  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
-  state = train.init_state(run, shardings)
-  batch = next(
-    pipeline.train_iterator(
-      run.streams.train,
-      batch_size=cfg.batch_size,
-      seq_len=cfg.data.seq_len,
-      seed=0,
-      sampling='random',
-    )
-  )
-  trainer = train.Trainer(run, shardings)
-  state, metrics = trainer.train(state, batch[None])
-  return state, float(metrics['loss'][0]), shardings
-
-
-def test_data_parallel_step_on_8_devices_equals_1_device(text_file, tmp_path):
-  assert jax.device_count() == 8
-  s1, loss1, _ = one_step(tiny_config(text_file), tmp_path / 'a')
-  s8, loss8, shardings = one_step(tiny_config(text_file, **{'mesh.data': -1}), tmp_path / 'b')
-  assert loss1 == pytest.approx(loss8, rel=1e-6)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s8.params
-  )
-  assert shardings.params['embed']['embedding'].mesh.shape['data'] == 8
-  assert int(s8.step) == 1
-
-
-def test_params_are_sharded_by_the_rules(text_file, tmp_path):
-  cfg = tiny_config(text_file, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  state, _, _ = one_step(cfg, tmp_path)
-  spec = lambda x: tuple(x.sharding.spec)
-  assert spec(state.params['embed']['embedding']) == ('tensor', 'fsdp')  # (vocab, embed)
-  assert spec(state.params['block_0']['mlp_in']['kernel']) == ('fsdp', 'tensor')  # (embed, mlp)
-  assert spec(state.params['block_0']['attn']['qkv']['kernel']) == ('fsdp', None, 'tensor', None)
-  mu = state.opt_state[1][0].mu  # AdamW's first moment follows its parameter
-  assert spec(mu['block_0']['mlp_in']['kernel']) == ('fsdp', 'tensor')
 
 
 def test_chunks_stop_at_every_log_eval_and_checkpoint_step():
