@@ -200,17 +200,16 @@ def test_only_checkpoint_unreadable_refuses_to_start_from_scratch(corpus, tmp_pa
   assert [p.name for p in (tmp_path / 'checkpoints').iterdir() if 'unreadable' in p.name]
 
 
+# A learning rate of 1e30 without clipping: the first update makes the second loss NaN.
+DIVERGE = (
+  '--config.optim.learning_rate=1e30',
+  '--config.optim.warmup_steps=0',
+  '--config.optim.grad_clip_norm=0',
+)
+
+
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-  # A learning rate of 1e30 without clipping: the first update makes the second loss NaN.
-  out = run(
-    corpus,
-    tmp_path,
-    '--config.optim.learning_rate=1e30',
-    '--config.optim.warmup_steps=0',
-    '--config.optim.grad_clip_norm=0',
-    '--config.checkpoint_every_steps=1',
-    check=False,
-  )
+  out = run(corpus, tmp_path, *DIVERGE, '--config.checkpoint_every_steps=1', check=False)
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert 'non-finite training loss (nan) or gradient norm' in out.stderr
   assert 'at step 2, on training batch 1' in out.stderr
@@ -219,15 +218,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tm
 
 
 def test_nan_skip_policy_counts_skipped_steps(corpus, tmp_path):
-  out = run(
-    corpus,
-    tmp_path,
-    '--config.optim.learning_rate=1e30',
-    '--config.optim.warmup_steps=0',
-    '--config.optim.grad_clip_norm=0',
-    '--config.nan_policy=skip',
-    '--config.num_train_steps=10',
-  )
+  out = run(corpus, tmp_path, *DIVERGE, '--config.nan_policy=skip', '--config.num_train_steps=10')
   logged = [m for m in read_jsonl(tmp_path / 'metrics.jsonl') if 'train/skipped_steps' in m]
   assert logged[0]['train/skipped_steps'] == 0.0  # step 1 was finite
   assert sum(m['train/skipped_steps'] for m in logged) == 9.0
