@@ -5,12 +5,14 @@ Tools, sweeps and studies rely on the top-level names here: num_train_steps, bat
 seed, log_every_steps, eval_every_steps, checkpoint_every_steps, model.name, data.name.
 """
 
+import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 
 from ar_jax import models
-from ar_jax.errors import ConfigError
+from ar_jax.errors import ConfigError, check
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -130,3 +132,13 @@ def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str]]) -> dict[str
       raise ConfigError(f'config arg {key}={value!r}; allowed: {", ".join(choices[key])}')
     parsed[key] = value
   return parsed
+
+
+def load_experiment(path: str):
+  """The module of an experiment file (experiments/NAME.py), loaded from its path as
+  config_flags loads it."""
+  check(os.path.isfile(path), f'--config={path}: no such experiment file')
+  spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix('.py'), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -351,6 +351,10 @@ class Trainer:
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[k](state, batches)
 
+  def memory(self) -> dict[str, float]:
+    """Memory per device of the largest compiled train dispatch; {} before any compile."""
+    return memory_per_device(self._compiled[max(self._compiled)]) if self._compiled else {}
+
   def evaluate(self, params) -> dict[str, float]:
     cfg = self.run.config
     sums = []
@@ -408,25 +412,32 @@ def chunk_sizes(start: int, config: ml_collections.ConfigDict) -> list[int]:
   return sizes
 
 
-def write_sample(run: Run, params: Any, step: int) -> str:
-  """A continuation of config.sample.prompt, printed and appended to samples.txt."""
+def write_sample(run: Run, params: Any, step: int) -> tuple[str, float]:
+  """A continuation of config.sample.prompt, printed and appended to samples.txt, and the
+  decoding speed in new tokens per second (a second, timed call: the first compiles)."""
   s = run.config.sample
   prompt = run.tokenizer.encode(s.prompt)
   room = (run.model.max_len or math.inf) - len(prompt)
-  tokens = decoding.generate(
+  new_tokens = int(min(s.max_new_tokens, room))
+  generate = functools.partial(
+    decoding.generate,
     run.model,
     params,
     prompt[None, :],
-    int(min(s.max_new_tokens, room)),
+    new_tokens,
     jax.random.key(run.config.seed),
     temperature=s.temperature,
     top_k=s.top_k,
-  ).tokens
+  )
+  tokens = jax.block_until_ready(generate().tokens)
+  start = time.perf_counter()
+  jax.block_until_ready(generate().tokens)
+  tokens_per_sec = new_tokens / (time.perf_counter() - start)
   text = run.tokenizer.decode(np.asarray(tokens[0]))
   if jax.process_index() == 0:
     with open(os.path.join(run.workdir, 'samples.txt'), 'a') as f:
       f.write(f'=== step {step}\n{text}\n')
-  return text
+  return text, tokens_per_sec
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -497,7 +508,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
   if not stopped:
-    logging.info('sample at step %d:\n%s', step, write_sample(run, state.params, step))
+    text, sample_speed = write_sample(run, state.params, step)
+    logging.info('sample at step %d:\n%s', step, text)
+    _write_final(run, trainer, progress, step, final_eval, sample_speed)
   return final_eval
 
 
@@ -538,7 +551,7 @@ class _Progress:
 
   def __init__(self, run: Run, trainer: Trainer, num_params: int):
     cfg = run.config
-    self.run, self.trainer = run, trainer
+    self.run, self.trainer, self.num_params = run, trainer, num_params
     self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
     self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
     self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
@@ -598,6 +611,25 @@ class _Progress:
     return metrics
 
 
+def _write_final(run: Run, trainer: Trainer, progress: _Progress, step, final_eval, speed):
+  """final.json: the finished run's numbers, for studies. Written last, atomically: its
+  presence means the run is complete (sweeps skip such runs)."""
+  if jax.process_index() != 0:
+    return
+  summary = {
+    'step': step,
+    **final_eval,
+    'num_params': progress.num_params,
+    'forward_flops_per_token': progress.flops_per_token / 3,
+    **trainer.memory(),
+    'sample/tokens_per_sec': speed,
+  }
+  path = os.path.join(run.workdir, 'final.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(summary, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Compiles the train step for the configured mesh and reports its memory per device.
 
@@ -613,21 +645,27 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   )
   with sharding.context(run.mesh, config.sharding_rules):
     compiled = trainer.jitted_train.lower(abstract, batches).compile()
-  memory = compiled.memory_analysis()
-  per_device = {
-    'params_and_state_bytes': memory.argument_size_in_bytes,
-    'temporaries_bytes': memory.temp_size_in_bytes,
-    'output_bytes': memory.output_size_in_bytes,
-    'generated_code_bytes': memory.generated_code_size_in_bytes,
-  }
-  total = sum(per_device.values()) - memory.alias_size_in_bytes
+  memory = memory_per_device(compiled)
   logging.info(
     'train step for mesh %s (%d devices): per device %s; about %.2f GiB in all',
     dict(run.mesh.shape),
     run.mesh.size,
-    ', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in per_device.items()),
-    total / 2**30,
+    ', '.join(f'{k.split("/")[1]} {v / 2**20:.1f} MiB' for k, v in memory.items()),
+    memory['memory/total_bytes'] / 2**30,
   )
+  return memory
+
+
+def memory_per_device(compiled) -> dict[str, float]:
+  """XLA's memory accounting of a compiled step, per device, in bytes."""
+  m = compiled.memory_analysis()
+  per_device = {
+    'params_and_state_bytes': m.argument_size_in_bytes,
+    'temporaries_bytes': m.temp_size_in_bytes,
+    'output_bytes': m.output_size_in_bytes,
+    'generated_code_bytes': m.generated_code_size_in_bytes,
+  }
+  total = sum(per_device.values()) - m.alias_size_in_bytes
   return {
     **{f'memory/{k}': float(v) for k, v in per_device.items()},
     'memory/total_bytes': float(total),

@@ -13,9 +13,13 @@ vocabulary size the data decides) and a Flax module `Model(config)` with the con
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from ar_jax.errors import ConfigError
@@ -69,3 +73,12 @@ def get_model(
   """The Flax module named by config.model.name, configured by the rest of config.model."""
   module, cfg = build_config(model_config, vocab_size, eos_id)
   return module.Model(cfg, deterministic=deterministic)
+
+
+def size(model_config: Any, vocab_size: int, seq_len: int) -> tuple[int, float]:
+  """(parameters, forward FLOPs per token at seq_len) of a config.model, from shapes alone:
+  what studies match models on and count compute with."""
+  model = get_model(model_config, vocab_size)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes['params'])))
+  return params, float(model.flops_per_token(seq_len))

@@ -1,0 +1,304 @@
+"""A sweep's runs reduced to one table and a report: python -m ar_jax.study --root=DIR
+
+Reads ROOT/sweep.json (written by launch.sweep) and each run's config.json, metrics.jsonl and
+final.json; writes ROOT/study.csv (one row per run), ROOT/report.md and its plots under
+ROOT/plots/: final metrics as mean ± sd over seeds ranked best first, learning curves against
+tokens and against training FLOPs, throughput, generation speed and memory. An experiment file
+may add its own sections with `report(runs, plots_dir) -> markdown` (scaling fits, sampling
+tables...), called with the loaded runs.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from ar_jax import cli, config
+from ar_jax.errors import check
+
+# Reported in this order of preference: the unit the data is usually quoted in.
+PRIMARY_METRICS = ('eval/bits_per_char', 'eval/bits_per_dim', 'eval/bits_per_byte', 'eval/loss')
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """One run of a sweep, as its workdir holds it."""
+
+  name: str
+  fields: dict[str, Any]  # what the sweep set for it (add(**fields))
+  workdir: str
+  config: dict[str, Any]
+  history: list[dict[str, float]]  # metrics.jsonl, in order
+  final: dict[str, float] | None  # final.json: None until the run has finished
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config['batch_size'] * self.config['data']['seq_len']
+
+  @property
+  def tokens(self) -> int:
+    """Training tokens of the whole run."""
+    return self.config['num_train_steps'] * self.tokens_per_step
+
+  @property
+  def train_flops(self) -> float:
+    """Exact training FLOPs: 3 x the model's own forward count per token, x tokens."""
+    return 3 * self.final['forward_flops_per_token'] * self.tokens if self.final else math.nan
+
+  @property
+  def train_flops_6nd(self) -> float:
+    """The 6ND convention (N = all parameters, embeddings included)."""
+    return 6 * self.final['num_params'] * self.tokens if self.final else math.nan
+
+  @property
+  def variant(self) -> str:
+    """The run's fields except its seed: runs that differ only by seed share a variant."""
+    return ','.join(f'{k}={v}' for k, v in self.fields.items() if k != 'seed') or 'all'
+
+  def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric over the run."""
+    points = [(r['step'], r[key]) for r in self.history if key in r]
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+  def median(self, key: str) -> float:
+    values = self.series(key)[1]
+    return float(np.median(values)) if values.size else math.nan
+
+
+def manifest(root: str) -> dict[str, Any]:
+  """ROOT/sweep.json: the experiment (`config`) and its runs, as launch.sweep expanded them."""
+  path = os.path.join(root, 'sweep.json')
+  check(os.path.exists(path), f'{root} holds no sweep: {path} is missing')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load(root: str) -> list[RunRecord]:
+  """The runs of the sweep under root, with what their workdirs hold so far."""
+  return [_record(r['name'], r['fields'], r['workdir']) for r in manifest(root)['runs']]
+
+
+def _record(name: str, fields: dict, workdir: str) -> RunRecord:
+  def read_json(file):
+    path = os.path.join(workdir, file)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  history = []
+  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      history = [json.loads(line) for line in f if line.strip()]
+  return RunRecord(
+    name, fields, workdir, read_json('config.json') or {}, history, read_json('final.json')
+  )
+
+
+def primary_metric(runs: Sequence[RunRecord]) -> str:
+  """The first of PRIMARY_METRICS every finished run reports."""
+  finished = [r.final for r in runs if r.final]
+  check(bool(finished), 'no run of the sweep has finished yet')
+  for key in PRIMARY_METRICS:
+    if all(key in f for f in finished):
+      return key
+  raise AssertionError('every run reports eval/loss')
+
+
+def rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+  """One flat row per run: its fields, size, compute, final metrics, speeds."""
+  out = []
+  for r in runs:
+    row = {'name': r.name, **r.fields, 'finished': r.final is not None}
+    row['model'] = r.config.get('model', {}).get('name', '')
+    row['tokens'] = r.tokens if r.config else math.nan
+    if r.final:
+      row['num_params'] = r.final['num_params']
+      row['train_flops'] = r.train_flops
+      row['train_flops_6nd'] = r.train_flops_6nd
+    row['train/tokens_per_sec'] = r.median('train/tokens_per_sec')
+    row['train/mfu'] = r.median('train/mfu')
+    row['train/loss'] = r.series('train/loss')[1][-1] if r.series('train/loss')[1].size else None
+    for k, v in (r.final or {}).items():
+      if k.startswith(('eval/', 'memory/', 'sample/')):
+        row[k] = v
+    out.append(row)
+  return out
+
+
+def write_csv(table: list[dict[str, Any]], path: str) -> None:
+  columns = list(dict.fromkeys(k for row in table for k in row))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(table)
+
+
+@dataclasses.dataclass
+class Summary:
+  """The finished runs of one variant: mean and sd (over seeds) of what they measured."""
+
+  variant: str
+  runs: list[RunRecord]
+
+  def stat(self, key: str) -> tuple[float, float]:
+    values = np.array([r.final.get(key, math.nan) for r in self.runs])
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+  def speed(self, key: str) -> float:
+    return float(np.median([r.median(key) for r in self.runs]))
+
+
+def summaries(runs: Sequence[RunRecord], metric: str) -> list[Summary]:
+  """One summary per variant, over its finished runs, best mean metric first."""
+  by_variant: dict[str, list[RunRecord]] = {}
+  for r in runs:
+    if r.final:
+      by_variant.setdefault(r.variant, []).append(r)
+  out = [Summary(v, rs) for v, rs in by_variant.items()]
+  return sorted(out, key=lambda s: s.stat(metric)[0])
+
+
+def pm(mean: float, sd: float, digits: int = 3) -> str:
+  return f'{mean:.{digits}f}' if math.isnan(sd) else f'{mean:.{digits}f} ± {sd:.{digits}f}'
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in body]
+  return '\n'.join(lines)
+
+
+def pyplot():
+  """matplotlib's pyplot drawing to files only (no display on clusters and CI)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str) -> str:
+  """Train loss and the eval metric of every run against tokens or training FLOPs; one
+  colour per variant."""
+  plt = pyplot()
+  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+  variants = list(dict.fromkeys(r.variant for r in runs))
+  colours = plt.cm.tab10(np.linspace(0, 1, 10))
+  labelled = set()
+  for r in runs:
+    if against == 'flops' and not r.final:
+      continue
+    scale = r.tokens_per_step * (
+      3 * r.final['forward_flops_per_token'] if against == 'flops' else 1
+    )
+    colour = colours[variants.index(r.variant) % 10]
+    label = None if r.variant in labelled else r.variant  # one legend entry per variant
+    labelled.add(r.variant)
+    for ax, key in ((ax_train, 'train/loss'), (ax_eval, metric)):
+      steps, values = r.series(key)
+      ax.plot(steps * scale, values, color=colour, label=label, marker='.' if ax is ax_eval else '')
+  for ax, key in ((ax_train, 'train/loss (nats/token)'), (ax_eval, metric)):
+    ax.set_xscale('log')
+    ax.set_xlabel('training FLOPs' if against == 'flops' else 'training tokens')
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+  ax_eval.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_final(groups: Sequence[Summary], metric: str, path: str) -> str:
+  """The final metric per variant, mean with an sd error bar over seeds."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(groups) + 2), 4))
+  means, sds = zip(*(g.stat(metric) for g in groups), strict=True)
+  ax.bar(range(len(groups)), means, yerr=np.nan_to_num(sds), capsize=4, color='tab:blue')
+  ax.set_xticks(range(len(groups)), [g.variant for g in groups], rotation=30, ha='right')
+  ax.set_ylabel(f'{metric} (mean ± sd over seeds)')
+  low = min(m - np.nan_to_num(s) for m, s in zip(means, sds, strict=True))
+  ax.set_ylim(bottom=0.95 * low)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_report(root: str) -> str:
+  """ROOT/study.csv, ROOT/report.md and ROOT/plots/*.png; returns the report's path."""
+  config_arg = manifest(root)['config']
+  runs = load(root)
+  metric = primary_metric(runs)
+  plots = os.path.join(root, 'plots')
+  os.makedirs(plots, exist_ok=True)
+  write_csv(rows(runs), os.path.join(root, 'study.csv'))
+  groups = summaries(runs, metric)
+  finished = sum(r.final is not None for r in runs)
+  body = [
+    [
+      i + 1,
+      g.variant,
+      len(g.runs),
+      f'{g.stat("num_params")[0] / 1e6:.3g}M',
+      f'{np.mean([r.train_flops for r in g.runs]):.3g}',
+      pm(*g.stat(metric)),
+      f'{g.speed("train/tokens_per_sec"):,.0f}',
+      f'{g.stat("sample/tokens_per_sec")[0]:,.0f}',
+      f'{g.stat("memory/total_bytes")[0] / 2**20:.3g}',
+    ]
+    for i, g in enumerate(groups)
+  ]
+  plot_final(groups, metric, os.path.join(plots, 'final.png'))
+  for against in ('tokens', 'flops'):
+    plot_curves(runs, metric, against, os.path.join(plots, f'curves_{against}.png'))
+  sections = [
+    f'# Study: {config_arg}',
+    f'{len(runs)} runs ({finished} finished) under `{root}`; every number below is from '
+    f'their workdirs, per run in `study.csv`. Regenerate: `python -m ar_jax.study --root={root}`.',
+    f'## Final {metric}, best first (mean ± sd over seeds)',
+    markdown_table(
+      (
+        'rank',
+        'variant',
+        'seeds',
+        'params',
+        'train FLOPs',
+        metric,
+        'train tok/s',
+        'sample tok/s',
+        'train step MiB/device',
+      ),
+      body,
+    ),
+    '![final metric](plots/final.png)',
+    '## Learning curves',
+    '![against tokens](plots/curves_tokens.png)\n\n![against FLOPs](plots/curves_flops.png)',
+  ]
+  experiment = config.load_experiment(config_arg.partition(':')[0])
+  if hasattr(experiment, 'report'):
+    sections.append(experiment.report(runs, plots))
+  path = os.path.join(root, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n\n'.join(sections) + '\n')
+  return path
+
+
+def main(argv):
+  del argv
+  cli.run(lambda: print(write_report(flags.FLAGS.root)))
+
+
+if __name__ == '__main__':
+  # Defined here, not on import: experiment files import this module next to other CLIs' flags.
+  flags.DEFINE_string('root', None, 'The --root of a sweep (launch.sweep).')
+  flags.mark_flag_as_required('root')
+  app.run(main, flags_parser=cli.parse_flags)
