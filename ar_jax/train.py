@@ -199,10 +199,13 @@ class Run:
     return self.streams.tokenizer
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Validates config against itself, the devices, the data and the workdir; writes nothing."""
+def setup(
+  config: ml_collections.ConfigDict, workdir: str, defining: tuple[str, ...] = RUN_DEFINING
+) -> Run:
+  """Validates config against itself, the devices, the data and the workdir (its `defining`
+  fields must match the run's); writes nothing."""
   validate(config)
-  _check_workdir(config, workdir)
+  _check_workdir(config, workdir, defining)
   tokenizer_path = os.path.join(workdir, 'tokenizer.json')
   tokenizer = tokenizers.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
   streams = data.load(config.data, tokenizer)
@@ -236,7 +239,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(config, workdir, streams, model, train_model, mesh, tx)
 
 
-def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _check_workdir(
+  config: ml_collections.ConfigDict, workdir: str, defining: tuple[str, ...]
+) -> None:
   """A workdir is one run: refuse a config that defines a different run, and say where."""
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(workdir):
@@ -248,7 +253,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   new = json.loads(config.to_json())
   diffs = [
     f'{key}: workdir has {old!r}, config has {now!r}'
-    for field in RUN_DEFINING
+    for field in defining
     for key, old, now in _diff(field, saved.get(field), new.get(field))
   ]
   if diffs:
@@ -673,11 +678,13 @@ def memory_per_device(compiled) -> dict[str, float]:
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the latest checkpoint of workdir on config's eval splits."""
+  """Evaluates the latest checkpoint of workdir on config's eval splits, through the run's
+  tokenizer. config.data may name other data than the run trained on (domain transfer);
+  config.model must be the run's."""
   check(
     os.path.isdir(os.path.join(workdir, 'checkpoints')), f'workdir {workdir} has no checkpoints'
   )
-  run = setup(config, workdir)
+  run = setup(config, workdir, defining=('model',))
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   latest = ckpt.latest_step()

@@ -94,3 +94,19 @@ def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path)
   assert got['eval/tokens'] == len(tokens) - 1
   assert got['eval/loss'] == pytest.approx(nats / (len(tokens) - 1), rel=1e-5)
   assert got['eval/bits_per_char'] == pytest.approx(got['eval/loss'] / np.log(2), rel=1e-6)
+
+
+def test_a_run_is_evaluated_on_other_data_through_its_own_tokenizer(text_file, tmp_path):
+  """Domain transfer: the workdir's model and tokenizer, another corpus's held-out text."""
+  other = tmp_path / 'other.txt'
+  other.write_text('a lazy dog and the fox\n' * 300)  # characters the run's tokenizer knows
+  workdir = str(tmp_path / 'run')
+  cfg = tiny_config(text_file, num_train_steps=20, eval_batches=0)
+  trained = train.train_and_evaluate(cfg, workdir)
+  assert train.evaluate_workdir(cfg, workdir)['eval/loss'] == pytest.approx(trained['eval/loss'])
+  elsewhere = train.evaluate_workdir(tiny_config(other, eval_batches=0), workdir)
+  # The held-out part of other.txt (its last 10%), every token but the first, scored.
+  assert elsewhere['eval/tokens'] == len(other.read_text()) - int(0.9 * len(other.read_text())) - 1
+  assert elsewhere['eval/loss'] != pytest.approx(trained['eval/loss'], rel=1e-3)
+  with pytest.raises(ConfigError, match='model.d_model: workdir has 16, config has 32'):
+    train.evaluate_workdir(tiny_config(other, **{'model.d_model': 32}), workdir)
