@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ar_jax import cli, config
+from ar_jax import cli, config, plots
 from ar_jax.errors import check
 
 # Reported in this order of preference: the unit the data is usually quoted in.
@@ -116,7 +116,7 @@ def rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
   out = []
   for r in runs:
     row = {'name': r.name, **r.fields, 'finished': r.final is not None}
-    row['model'] = r.config.get('model', {}).get('name', '')
+    row['model.name'] = r.config.get('model', {}).get('name', '')
     row['tokens'] = r.tokens if r.config else math.nan
     if r.final:
       row['num_params'] = r.final['num_params']
@@ -124,7 +124,8 @@ def rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
       row['train_flops_6nd'] = r.train_flops_6nd
     row['train/tokens_per_sec'] = r.median('train/tokens_per_sec')
     row['train/mfu'] = r.median('train/mfu')
-    row['train/loss'] = r.series('train/loss')[1][-1] if r.series('train/loss')[1].size else None
+    losses = r.series('train/loss')[1]
+    row['train/loss'] = losses[-1] if losses.size else math.nan
     for k, v in (r.final or {}).items():
       if k.startswith(('eval/', 'memory/', 'sample/')):
         row[k] = v
@@ -175,23 +176,12 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
   return '\n'.join(lines)
 
 
-def pyplot():
-  """matplotlib's pyplot drawing to files only (no display on clusters and CI)."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
-def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str) -> str:
+def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str):
   """Train loss and the eval metric of every run against tokens or training FLOPs; one
   colour per variant."""
-  plt = pyplot()
-  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = plots.figure(11, 4)
+  ax_train, ax_eval = fig.subplots(1, 2)
   variants = list(dict.fromkeys(r.variant for r in runs))
-  colours = plt.cm.tab10(np.linspace(0, 1, 10))
   labelled = set()
   for r in runs:
     if against == 'flops' and not r.final:
@@ -199,7 +189,7 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
     scale = r.tokens_per_step * (
       3 * r.final['forward_flops_per_token'] if against == 'flops' else 1
     )
-    colour = colours[variants.index(r.variant) % 10]
+    colour = f'C{variants.index(r.variant) % 10}'
     label = None if r.variant in labelled else r.variant  # one legend entry per variant
     labelled.add(r.variant)
     for ax, key in ((ax_train, 'train/loss'), (ax_eval, metric)):
@@ -211,26 +201,20 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
   ax_eval.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path)
 
 
-def plot_final(groups: Sequence[Summary], metric: str, path: str) -> str:
+def plot_final(groups: Sequence[Summary], metric: str, path: str):
   """The final metric per variant, mean with an sd error bar over seeds."""
-  plt = pyplot()
-  fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(groups) + 2), 4))
+  fig = plots.figure(max(5, 0.6 * len(groups) + 2), 4)
+  ax = fig.subplots()
   means, sds = zip(*(g.stat(metric) for g in groups), strict=True)
   ax.bar(range(len(groups)), means, yerr=np.nan_to_num(sds), capsize=4, color='tab:blue')
   ax.set_xticks(range(len(groups)), [g.variant for g in groups], rotation=30, ha='right')
   ax.set_ylabel(f'{metric} (mean ± sd over seeds)')
   low = min(m - np.nan_to_num(s) for m, s in zip(means, sds, strict=True))
   ax.set_ylim(bottom=0.95 * low)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path)
 
 
 def write_report(root: str) -> str:

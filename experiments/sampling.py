@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import data, decoding, metrics, sample, study
+from ar_jax import data, decoding, metrics, plots, sample, study
 from ar_jax.config import parse_arg
 from experiments import shakespeare_char
 
@@ -97,10 +97,10 @@ def measure(model, params, tokenizer, prompts: list[str], new_tokens: int, seed:
   return rows
 
 
-def plot(rows, path: str) -> str:
+def plot(rows, path: str):
   """Quality against diversity: the model's perplexity of its samples against distinct-2."""
-  plt = study.pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig = plots.figure()
+  ax = fig.subplots()
   for r in rows:
     ax.scatter(r['distinct-2'], r['perplexity'])
     ax.annotate(r['strategy'], (r['distinct-2'], r['perplexity']), fontsize=8)
@@ -108,10 +108,7 @@ def plot(rows, path: str) -> str:
   ax.set_ylabel("model's perplexity of its samples")
   ax.set_yscale('log')
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path)
 
 
 def report(runs, plots_dir):

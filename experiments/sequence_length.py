@@ -12,7 +12,7 @@ receptive field is sized to twice the window. Widths are solved for the nanogpt_
 transformer's 0.8M parameters.
 """
 
-from ar_jax import models, study
+from ar_jax import models, plots, study
 from ar_jax.config import parse_arg
 from experiments import shakespeare_char, sizing
 
@@ -60,8 +60,8 @@ def report(runs, plots_dir):
     ('train/tokens_per_sec', 'training tokens/s'),
     ('memory/total_bytes', 'train step memory (MiB)'),
   )
-  plt = study.pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  fig = plots.figure(14, 4)
+  axes = fig.subplots(1, 3)
   for model in FAMILIES:
     mine = sorted((r for r in finished if r.fields['model'] == model), key=_length)
     if not mine:
@@ -75,9 +75,7 @@ def report(runs, plots_dir):
       ax.set_ylabel(label)
       ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(f'{plots_dir}/sequence_length.png', dpi=110)
-  plt.close(fig)
+  plots.save(fig, f'{plots_dir}/sequence_length.png')
   body = [
     [
       r.fields['model'],

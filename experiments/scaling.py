@@ -1,0 +1,201 @@
+"""Scaling study: a grid of model sizes by compute budgets on the embedded Python-source corpus
+(byte level, 28M training bytes: no run repeats data), for the transformer and the LSTM.
+
+  python -m launch.sweep --config=experiments/scaling.py:grid=small --root=studies/scaling_small
+  python -m ar_jax.study --root=studies/scaling_small
+  python -m launch.sweep --config=experiments/scaling.py:grid=full,family=lstm --root=...
+
+Each compute budget C is spent by every size N with D = C / (6 N) training tokens (the IsoFLOP
+design of Hoffmann et al. 2022, Approach 2), each run with its own cosine schedule ending at
+its last step. The report fits L(N, D) = E + A / N^alpha + B / D^beta (Approach 3) with
+bootstrap intervals, the IsoFLOP parabolas and the compute-optimal N*(C), D*(C) both ways
+(ar_jax/scaling.py). N counts every parameter, embeddings included; C is recorded both as 6ND
+and exactly (the model's own FLOP count), each labelled.
+
+Arg keys: grid=small (minutes on a 2-core CPU) or full (about an hour), family=transformer or
+lstm (widths solved to the transformer's sizes), and size, budget (set by the sweep).
+"""
+
+import warnings
+
+import numpy as np
+
+from ar_jax import models, scaling, study
+from ar_jax.config import defaults, parse_arg
+from experiments import sizing
+
+VOCAB = 257  # the byte tokenizer: 256 values and end-of-text
+TOKENS_PER_STEP = 16 * 64
+# Transformer shapes (layers, d_model, heads) by name; the name is its parameter count.
+SIZES = {
+  '10k': (2, 16, 2),
+  '20k': (2, 24, 2),
+  '33k': (2, 32, 2),
+  '68k': (2, 48, 2),
+  '164k': (3, 64, 4),
+  '468k': (4, 96, 4),
+  '820k': (4, 128, 4),
+  '1.6M': (5, 160, 5),
+  '4.8M': (6, 256, 8),
+  '9.9M': (8, 320, 8),
+}
+GRIDS = {  # sizes x budgets (training FLOPs, 6ND)
+  'small': (('10k', '20k', '33k', '68k'), ('3e10', '1e11', '3e11', '1e12')),
+  'full': (('164k', '468k', '820k', '1.6M', '4.8M', '9.9M'), ('1e12', '3e12', '1e13', '3e13')),
+}
+MIN_STEPS = 60  # fewer steps than this is mostly warmup: such a (size, budget) is left out
+STEPS_PER_DISPATCH = 20  # small steps: the dispatch overhead matters on CPU
+CHOICES = {
+  'grid': tuple(GRIDS),
+  'family': ('transformer', 'lstm'),
+  'size': tuple(SIZES),
+  'budget': tuple(sorted({b for _, budgets in GRIDS.values() for b in budgets}, key=float)),
+}
+
+
+def model_config(family: str, size: str):
+  layers, width, heads = SIZES[size]
+  c = defaults().model
+  c.num_layers, c.d_model, c.num_heads = layers, width, heads
+  c.max_len = 64
+  c.pos_encoding = 'rotary'
+  c.use_bias = False
+  c.tie_embeddings = True
+  if family == 'lstm':  # one layer per two transformer layers, as wide as matches its size
+    target = models.size(c, VOCAB, 64)[0]
+    c = models.default_config('rnn')
+    c.cell = 'lstm'
+    c.num_layers = max(1, layers // 2)
+    c.d_embed = width
+    sizing.match_width(c, target, 0, VOCAB, 64)
+  return c
+
+
+def steps(model, budget: str) -> int:
+  """Steps that spend the budget (6ND). Long runs are rounded to whole dispatches (one
+  compiled program); short ones, where that would miss the budget by over 5%, are not."""
+  exact = float(budget) / (6 * models.size(model, VOCAB, 64)[0] * TOKENS_PER_STEP)
+  grain = STEPS_PER_DISPATCH if exact >= 10 * STEPS_PER_DISPATCH else 1
+  return grain * round(exact / grain)
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, CHOICES)
+  c = defaults()
+  c.data.name = 'python_stdlib'
+  c.data.tokenizer = 'byte'
+  c.data.seq_len = 64
+  c.batch_size = TOKENS_PER_STEP // 64
+  c.model = model_config(args['family'], args['size'])
+  c.num_train_steps = steps(c.model, args['budget'])
+  c.optim.learning_rate = 2e-3  # small models, short runs
+  c.optim.min_learning_rate = 2e-4
+  c.optim.warmup_steps = min(100, c.num_train_steps // 10)
+  c.steps_per_dispatch = STEPS_PER_DISPATCH
+  c.log_every_steps = STEPS_PER_DISPATCH * max(1, c.num_train_steps // 200)  # ~10 log points
+  c.eval_every_steps = c.checkpoint_every_steps = c.num_train_steps
+  c.eval_batches = 64  # 64 x 16 x 64 = 65,536 held-out bytes, the same for every run
+  c.sample.prompt = 'def '
+  c.sample.max_new_tokens = 60
+  return c
+
+
+def sweep(add, arg):
+  args = parse_arg(arg, CHOICES)
+  sizes, budgets = GRIDS[args['grid']]
+  for budget in budgets:
+    for size in sizes:
+      if steps(model_config(args['family'], size), budget) >= MIN_STEPS:
+        add(size=size, budget=budget)
+
+
+def analyse(runs):
+  """(finished runs, N, D, L, bootstrap fit of the law, IsoFLOP analysis, its warnings)."""
+  finished = [r for r in runs if r.final]
+  N = np.array([r.final['num_params'] for r in finished], float)
+  D = np.array([r.tokens for r in finished], float)
+  L = np.array([r.final['eval/loss'] for r in finished])
+  fit = scaling.bootstrap(N, D, L)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    budgets = [r.fields['budget'] for r in finished]
+    iso = scaling.isoflops(N, scaling.compute_6nd(N, D), L, budget=budgets)
+  return finished, N, D, L, fit, iso, caught
+
+
+def report(runs, plots_dir):
+  """The parametric law with bootstrap intervals, the IsoFLOP analysis, and both ways to the
+  compute-optimal exponents; per run, compute by 6ND and by the model's own count."""
+  finished, N, D, L, fit, iso, caught = analyse(runs)
+  law, stderr, interval = fit.law, fit.stderr(), fit.interval()
+  scaling.plot_frontier(N, D, L, law, f'{plots_dir}/scaling_frontier.png')
+  scaling.plot_isoflops(iso, f'{plots_dir}/scaling_isoflops.png')
+  scaling.plot_residuals(N, D, L, law, f'{plots_dir}/scaling_residuals.png')
+
+  def estimate(name: str, value: float) -> list[str]:
+    low, high = interval[name]
+    return [name, f'{value:.4g}', f'{stderr[name]:.3g}', f'[{low:.4g}, {high:.4g}]']
+
+  parametric = study.markdown_table(
+    ('parameter', 'estimate', 'bootstrap sd', '95% interval'),
+    [estimate(k, getattr(law, k)) for k in ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')],
+  )
+  optimal = study.markdown_table(
+    ('', 'N* ~ C^a', 'D* ~ C^b'),
+    [
+      [
+        'parametric law, closed form: a = beta/(alpha+beta), b = alpha/(alpha+beta)',
+        f'{law.a:.3f} [{interval["a"][0]:.3f}, {interval["a"][1]:.3f}]',
+        f'{law.b:.3f} [{interval["b"][0]:.3f}, {interval["b"][1]:.3f}]',
+      ],
+      [
+        'IsoFLOP parabolas, power laws in C (OLS 95% intervals)',
+        '{:.3f} [{:.3f}, {:.3f}]'.format(iso.n_law.exponent, *iso.n_law.interval()),
+        '{:.3f} [{:.3f}, {:.3f}]'.format(iso.d_law.exponent, *iso.d_law.interval()),
+      ],
+    ],
+  )
+  budgets = study.markdown_table(
+    ('C (6ND)', 'runs', 'IsoFLOP N*', 'IsoFLOP D*', 'law N*', 'law D*', 'vertex'),
+    [
+      [
+        f'{b.C:.3g}',
+        len(b.N),
+        f'{b.N_opt:.3g}',
+        f'{b.D_opt:.3g}',
+        *(f'{x:.3g}' for x in law.optimal(b.C)),
+        'extrapolated' if b.extrapolated else 'inside the sizes',
+      ]
+      for b in iso.budgets
+    ],
+  )
+  per_run = study.markdown_table(
+    ('run', 'N', 'D', 'C = 6ND', 'C exact', 'exact / 6ND', 'eval loss (nats)'),
+    [
+      [
+        r.name,
+        f'{n:.3g}',
+        f'{d:.3g}',
+        f'{r.train_flops_6nd:.3g}',
+        f'{r.train_flops:.3g}',
+        f'{r.train_flops / r.train_flops_6nd:.3f}',
+        f'{loss:.4f}',
+      ]
+      for r, n, d, loss in zip(finished, N, D, L, strict=True)
+    ],
+  )
+  notes = ''.join(f'\n\nNote: {w.message}' for w in caught)
+  return '\n\n'.join(
+    [
+      f'## Scaling law L(N, D) = E + A / N^alpha + B / D^beta\n\n{len(finished)} runs; Huber '
+      '(delta 1e-3) on log loss, L-BFGS from a grid of starts; 200 bootstrap resamples of '
+      'the runs. N: every parameter; D: training tokens; L: held-out loss in nats per byte.',
+      parametric,
+      '## Compute-optimal allocation\n\n' + optimal + notes,
+      budgets,
+      '![loss against compute](plots/scaling_frontier.png)\n\n'
+      '![IsoFLOP profiles](plots/scaling_isoflops.png)\n\n'
+      '![residuals](plots/scaling_residuals.png)',
+      '## Compute per run\n\n' + per_run,
+    ]
+  )

@@ -1,0 +1,56 @@
+"""The study experiments: models matched as their docstrings say, grids the analyses can fit,
+and the sampling study's measurements."""
+
+import pytest
+
+from ar_jax import models, train
+from experiments import compare_families, sampling, scaling
+from tests.helpers import tiny_config
+
+
+def declared(module, arg=None) -> list[dict]:
+  runs = []
+  module.sweep(lambda **fields: runs.append(fields), arg)
+  return runs
+
+
+@pytest.mark.parametrize('match, which', [('params', 0), ('flops', 1)])
+def test_families_are_matched_to_the_transformer(match, which):
+  seq_len = 64
+  reference = models.size(compare_families.get_config('model=transformer').model, 65, seq_len)
+  for model in compare_families.CHOICES['model'][1:]:
+    c = compare_families.get_config(f'model={model},match={match}')
+    assert models.size(c.model, 65, seq_len)[which] == pytest.approx(reference[which], rel=0.01)
+  runs = declared(compare_families)
+  assert len(runs) == 3 * (6 + 5)  # the transformer is the reference of both matchings
+  assert {r['seed'] for r in runs} == {0, 1, 2}
+
+
+@pytest.mark.parametrize('family', ['transformer', 'lstm'])
+def test_scaling_grid_spends_each_budget_with_at_least_three_sizes(family):
+  runs = declared(scaling, f'grid=small,family={family}')
+  for budget in {r['budget'] for r in runs}:
+    sizes = [r['size'] for r in runs if r['budget'] == budget]
+    assert len(sizes) >= 3, (budget, sizes)
+    for size in sizes:
+      c = scaling.get_config(f'family={family},size={size},budget={budget}')
+      n = models.size(c.model, scaling.VOCAB, c.data.seq_len)[0]
+      tokens = c.num_train_steps * c.batch_size * c.data.seq_len
+      assert c.num_train_steps >= scaling.MIN_STEPS
+      assert 6 * n * tokens == pytest.approx(float(budget), rel=0.05)
+
+
+def test_sampling_study_measures_each_strategy(text_file, tmp_path):
+  cfg = tiny_config(text_file)
+  run = train.setup(cfg, str(tmp_path))
+  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  params = train.init_state(run, shardings).params
+  prompts = sampling.prompts_from(text_file.read_text(), 6, 8)
+  assert len({len(p) for p in prompts}) == 1 and all(p in text_file.read_text() for p in prompts)
+  rows = {r['strategy']: r for r in sampling.measure(run.model, params, run.tokenizer, prompts, 16)}
+  assert list(rows) == list(sampling.STRATEGIES)
+  # Greedy and beam search pick likely tokens: the model finds them likelier than its samples.
+  assert rows['greedy']['perplexity'] < rows['T=1.3']['perplexity']
+  assert rows['beam=4']['perplexity'] < rows['T=1.3']['perplexity']
+  assert rows['T=1.3']['distinct-2'] >= rows['greedy']['distinct-2']
+  assert all(0 <= r['self-BLEU'] <= 100 and 0 <= r['rep-4'] <= 1 for r in rows.values())
