@@ -38,7 +38,7 @@ def main(argv):
   ):
     subprocess.run([sys.executable, '-m', *command], cwd=REPO, check=True)
   wall = time.perf_counter() - start
-  finished, *_, fit, iso, _ = scaling.analyse(study.load(root))
+  finished, *_, fit, iso, caught = scaling.analyse(study.load(root))
   interval = fit.interval()
   print(f'\n{len(finished)} runs, sweep + report in {wall / 60:.1f} min; report: {root}/report.md')
   law = fit.law
@@ -50,9 +50,8 @@ def main(argv):
     ('b (IsoFLOP)', iso.d_law.exponent, iso.d_law.interval()),
   ):
     print(f'{name:12s} {value:.3f}  95% [{low:.3f}, {high:.3f}]')
-  extrapolated = [f'{b.C:.3g}' for b in iso.budgets if b.extrapolated]
-  if extrapolated:
-    print(f'IsoFLOP vertices outside the sampled sizes at C = {", ".join(extrapolated)}')
+  for warning in caught:
+    print(f'note: {warning.message}')
 
 
 if __name__ == '__main__':

@@ -77,6 +77,7 @@ def expand(config_arg: str, root: str) -> list[Run]:
   declared: list[dict[str, Any]] = []
   module.sweep(lambda **fields: declared.append(fields), sweep_arg or None)
   check(bool(declared), f'the sweep of {config_arg} declares no runs')
+  base = module.get_config(sweep_arg or None)
   runs = []
   for fields in declared:
     name = '_'.join(f'{k}-{v}' for k, v in fields.items()) or 'default'
@@ -85,7 +86,6 @@ def expand(config_arg: str, root: str) -> list[Run]:
       f'run {name!r}: field values may use letters, digits and . _ - + only (they name its '
       'workdir)',
     )
-    base = module.get_config(sweep_arg or None)
     overrides = {k: v for k, v in fields.items() if _is_leaf(base, k)}
     args = _parse_items(sweep_arg) | {k: v for k, v in fields.items() if k not in overrides}
     arg = ','.join(f'{k}={v}' for k, v in args.items())
