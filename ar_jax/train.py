@@ -347,18 +347,29 @@ class Trainer:
     self._compiled: dict[int, Any] = {}
 
   def train(self, state: TrainState, local_batches_KBT: np.ndarray):
-    k = local_batches_KBT.shape[0]
     batches = sharding.global_batch(local_batches_KBT, self.stacked_sharding)
+    return self.compile(state, batches)(state, batches)
+
+  def compile(self, state: TrainState, batches_KBT: Any):
+    """The train dispatch for these (concrete or abstract) operands, compiled once per K."""
+    k = batches_KBT.shape[0]
     if k not in self._compiled:
       start = time.perf_counter()
       with sharding.context(self.run.mesh, self.run.config.sharding_rules):
-        self._compiled[k] = self.jitted_train.lower(state, batches).compile()
+        self._compiled[k] = self.jitted_train.lower(state, batches_KBT).compile()
       self.compile_seconds += time.perf_counter() - start
-    return self._compiled[k](state, batches)
+    return self._compiled[k]
 
-  def memory(self) -> dict[str, float]:
-    """Memory per device of the largest compiled train dispatch; {} before any compile."""
-    return memory_per_device(self._compiled[max(self._compiled)]) if self._compiled else {}
+  def abstract_batches(self, k: int) -> jax.ShapeDtypeStruct:
+    cfg = self.run.config
+    shape = (k, cfg.batch_size, cfg.data.seq_len + 1)
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.stacked_sharding)
+
+  def memory(self, state: TrainState) -> dict[str, float]:
+    """Memory per device of the largest train dispatch compiled (steps_per_dispatch steps when
+    none was: a run resumed at its end)."""
+    k = max(self._compiled, default=self.run.config.steps_per_dispatch)
+    return memory_per_device(self.compile(state, self.abstract_batches(k)))
 
   def evaluate(self, params) -> dict[str, float]:
     cfg = self.run.config
@@ -515,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not stopped:
     text, sample_speed = write_sample(run, state.params, step)
     logging.info('sample at step %d:\n%s', step, text)
-    _write_final(run, trainer, progress, step, final_eval, sample_speed)
+    _write_final(run, trainer.memory(state), progress, step, final_eval, sample_speed)
   return final_eval
 
 
@@ -609,6 +620,8 @@ class _Progress:
     return logged
 
   def evaluate(self, params, step: int) -> dict[str, float]:
+    # The train steps still in flight count as training time, not evaluation time.
+    jax.block_until_ready(params)
     start = time.perf_counter()
     metrics = self.trainer.evaluate(params)
     logging.info('eval at step %d: %s', step, _fmt(metrics))
@@ -616,7 +629,7 @@ class _Progress:
     return metrics
 
 
-def _write_final(run: Run, trainer: Trainer, progress: _Progress, step, final_eval, speed):
+def _write_final(run: Run, memory: dict, progress: _Progress, step, final_eval, speed):
   """final.json: the finished run's numbers, for studies. Written last, atomically: its
   presence means the run is complete (sweeps skip such runs)."""
   if jax.process_index() != 0:
@@ -626,7 +639,7 @@ def _write_final(run: Run, trainer: Trainer, progress: _Progress, step, final_ev
     **final_eval,
     'num_params': progress.num_params,
     'forward_flops_per_token': progress.flops_per_token / 3,
-    **trainer.memory(),
+    **memory,
     'sample/tokens_per_sec': speed,
   }
   path = os.path.join(run.workdir, 'final.json')
@@ -644,13 +657,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   run = setup(config, workdir)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
-  k = config.steps_per_dispatch
-  batches = jax.ShapeDtypeStruct(
-    (k, config.batch_size, config.data.seq_len + 1), jnp.int32, sharding=trainer.stacked_sharding
-  )
-  with sharding.context(run.mesh, config.sharding_rules):
-    compiled = trainer.jitted_train.lower(abstract, batches).compile()
-  memory = memory_per_device(compiled)
+  memory = trainer.memory(abstract)
   logging.info(
     'train step for mesh %s (%d devices): per device %s; about %.2f GiB in all',
     dict(run.mesh.shape),

@@ -106,6 +106,9 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
   assert resumed.returncode == 0 and f'start  {names[0]}' in resumed.stdout, resumed.stdout
   assert f'start  {names[1]}' not in resumed.stdout
   assert 'resumed from the checkpoint at step 4' in (root / 'logs' / f'{names[0]}.log').read_text()
+  rewritten = json.loads((root / names[0] / 'final.json').read_text())
+  assert rewritten['eval/loss'] == pytest.approx(finals[names[0]]['eval/loss'])
+  assert rewritten['memory/total_bytes'] == finals[names[0]]['memory/total_bytes'] > 0
 
   report = subprocess.run(
     [sys.executable, '-m', 'ar_jax.study', f'--root={root}'],
