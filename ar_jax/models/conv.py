@@ -110,14 +110,12 @@ class CausalConv1D(nn.Module):
     else:  # a prefill: the ring in time order, then the T new inputs
       history_BQC = jnp.take(queue_BQC, (index + jnp.arange(Q)) % Q, axis=1)
     seq_BLC = jnp.concatenate([history_BQC, x_BTC], axis=1)
-    y_BTG = jax.lax.conv_general_dilated(
-      seq_BLC,
-      kernel_KCG,
-      window_strides=(1,),
-      padding='VALID',
-      rhs_dilation=(d,),
-      dimension_numbers=('NWC', 'WIO', 'NWC'),
-    )
+    # Tap k reads x_{t - (K-1-k) d} = seq[t + k d]. The K shifted views side by side make the
+    # conv one 2-D matmul [B*T, K*C] x [K*C, G]: on CPU several times faster to train than
+    # lax.conv_general_dilated with rhs_dilation, whose gradients XLA:CPU lowers poorly.
+    B, _, C = x_BTC.shape
+    taps_BTKC = jnp.stack([seq_BLC[:, k * d : k * d + T] for k in range(K)], axis=2)
+    y_BTG = (taps_BTKC.reshape(B * T, K * C) @ kernel_KCG.reshape(K * C, -1)).reshape(B, T, -1)
     if queue_BQC is not None:
       # The last Q inputs are positions index + T - Q .. index + T - 1; slot s holds the one
       # whose position is s mod Q.
