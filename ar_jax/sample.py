@@ -15,12 +15,10 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from ar_jax import checkpoint, cli, decoding, models, optim, sharding, train
-from ar_jax.data import tokenizers
+from ar_jax import cli, decoding, train
 from ar_jax.errors import check
 
 flags.DEFINE_string('workdir', None, 'A run directory written by ar_jax.main.')
@@ -40,26 +38,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer('seed', 0, 'Random seed for sampling.')
 flags.DEFINE_string('output', None, 'Also write the continuations to this JSONL file.')
 flags.mark_flag_as_required('workdir')
-
-
-def load(workdir: str):
-  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint."""
-  config_path = os.path.join(workdir, 'config.json')
-  check(os.path.exists(config_path), f'{workdir} is not a run directory: it has no config.json')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
-  model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
-  tx = optim.make_optimizer(config.optim, config.num_train_steps)
-  # One device holds the whole model for sampling, whatever mesh the run trained on.
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  abstract, _ = train.abstract_state(model, tx, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  step = ckpt.latest_step()
-  check(step is not None, f'workdir {workdir} has no checkpoint yet')
-  state, _, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return model, state.params, tokenizer, step
 
 
 def read_prompts(prompt: str, prompts_file: str | None) -> list[str]:
@@ -135,7 +113,7 @@ def _main():
   if f.output:
     folder = os.path.dirname(os.path.abspath(f.output))
     check(os.path.isdir(folder), f'--output={f.output}: folder {folder} does not exist')
-  model, params, tokenizer, _ = load(f.workdir)
+  model, params, tokenizer, _ = train.load_workdir(f.workdir)
   records = continuations(f, model, params, tokenizer, read_prompts(f.prompt, f.prompts_file))
   for r in records:
     if len(records) > 1:

@@ -179,6 +179,8 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str):
   """Train loss and the eval metric of every run against tokens or training FLOPs; one
   colour per variant."""
+  from matplotlib import colormaps  # here: only the reports need matplotlib
+
   fig = plots.figure(11, 4)
   ax_train, ax_eval = fig.subplots(1, 2)
   variants = list(dict.fromkeys(r.variant for r in runs))
@@ -189,7 +191,7 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
     scale = r.tokens_per_step * (
       3 * r.final['forward_flops_per_token'] if against == 'flops' else 1
     )
-    colour = f'C{variants.index(r.variant) % 10}'
+    colour = colormaps['tab20'](variants.index(r.variant) % 20)
     label = None if r.variant in labelled else r.variant  # one legend entry per variant
     labelled.add(r.variant)
     for ax, key in ((ax_train, 'train/loss'), (ax_eval, metric)):

@@ -701,6 +701,26 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   return {'step': float(latest), **Trainer(run, shardings).evaluate(state.params)}
 
 
+def load_workdir(workdir: str):
+  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint."""
+  config_path = os.path.join(workdir, 'config.json')
+  check(os.path.exists(config_path), f'{workdir} is not a run directory: it has no config.json')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
+  model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
+  tx = optim.make_optimizer(config.optim, config.num_train_steps)
+  # One device holds the whole model for sampling, whatever mesh the run trained on.
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  abstract, _ = abstract_state(model, tx, mesh, config)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  step = ckpt.latest_step()
+  check(step is not None, f'workdir {workdir} has no checkpoint yet')
+  state, _, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return model, state.params, tokenizer, step
+
+
 def _duration(seconds: float) -> str:
   seconds = int(seconds)
   return (

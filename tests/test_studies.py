@@ -1,11 +1,14 @@
 """The study experiments: models matched as their docstrings say, grids the analyses can fit,
 and the sampling study's measurements."""
 
+import subprocess
+import sys
+
 import pytest
 
 from ar_jax import models, train
 from experiments import compare_families, sampling, scaling
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 
 
 def declared(module, arg=None) -> list[dict]:
@@ -54,3 +57,18 @@ def test_sampling_study_measures_each_strategy(text_file, tmp_path):
   assert rows['beam=4']['perplexity'] < rows['T=1.3']['perplexity']
   assert rows['T=1.3']['distinct-2'] >= rows['greedy']['distinct-2']
   assert all(0 <= r['self-BLEU'] <= 100 and 0 <= r['rep-4'] <= 1 for r in rows.values())
+
+
+def test_every_experiment_file_loads_beside_the_entry_points_flags():
+  """Experiment files are loaded inside ar_jax.main (by its --config flag): one that
+  imports a module defining absl flags of the same name breaks them all."""
+  script = (
+    'import glob, ar_jax.main\n'
+    'from ar_jax.config import load_experiment\n'
+    "for path in sorted(glob.glob('experiments/[!_]*.py')):\n"
+    '  load_experiment(path)\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
