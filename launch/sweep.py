@@ -183,9 +183,11 @@ def write_slurm(runs: list[Run], config_path: str, root: str, parallel: int) -> 
   with open(script, 'w') as f:
     f.write(f"""#!/bin/bash
 # {len(runs)} runs of {config_path}, one per array task; submit with: sbatch {script}
-# Edit the resources for your cluster. A preempted or timed-out task resumes its run from its
-# checkpoint when submitted again; finished runs are left out when this file is rewritten.
+# Edit the resources for your cluster. A run a preempted or timed-out task left unfinished
+# resumes from its checkpoint: run launch.sweep --runner=slurm again (it rewrites this file
+# without the finished runs) and resubmit.
 #SBATCH --job-name=ar_jax_sweep
+#SBATCH --chdir={os.getcwd()}
 #SBATCH --array=0-{len(runs) - 1}%{parallel}
 #SBATCH --ntasks=1
 #SBATCH --gpus-per-task=1
