@@ -224,8 +224,8 @@ def write_report(root: str) -> str:
   config_arg = manifest(root)['config']
   runs = load(root)
   metric = primary_metric(runs)
-  plots = os.path.join(root, 'plots')
-  os.makedirs(plots, exist_ok=True)
+  plots_dir = os.path.join(root, 'plots')
+  os.makedirs(plots_dir, exist_ok=True)
   write_csv(rows(runs), os.path.join(root, 'study.csv'))
   groups = summaries(runs, metric)
   finished = sum(r.final is not None for r in runs)
@@ -243,9 +243,9 @@ def write_report(root: str) -> str:
     ]
     for i, g in enumerate(groups)
   ]
-  plot_final(groups, metric, os.path.join(plots, 'final.png'))
+  plot_final(groups, metric, os.path.join(plots_dir, 'final.png'))
   for against in ('tokens', 'flops'):
-    plot_curves(runs, metric, against, os.path.join(plots, f'curves_{against}.png'))
+    plot_curves(runs, metric, against, os.path.join(plots_dir, f'curves_{against}.png'))
   sections = [
     f'# Study: {config_arg}',
     f'{len(runs)} runs ({finished} finished) under `{root}`; every number below is from '
@@ -271,7 +271,7 @@ def write_report(root: str) -> str:
   ]
   experiment = config.load_experiment(config_arg.partition(':')[0])
   if hasattr(experiment, 'report'):
-    sections.append(experiment.report(runs, plots))
+    sections.append(experiment.report(runs, plots_dir))
   path = os.path.join(root, 'report.md')
   with open(path, 'w') as f:
     f.write('\n\n'.join(sections) + '\n')
