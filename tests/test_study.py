@@ -22,14 +22,14 @@ def corpus(text_file, monkeypatch):
   return text_file
 
 
-def launch(root, *flags):
+def cli(module, *flags):
   return subprocess.run(
-    [sys.executable, '-m', 'launch.sweep', f'--config={STUDY}', f'--root={root}', *flags],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
+    [sys.executable, '-m', module, *flags], cwd=REPO, capture_output=True, text=True, timeout=600
   )
+
+
+def launch(root, *flags):
+  return cli('launch.sweep', f'--config={STUDY}', f'--root={root}', *flags)
 
 
 def test_expansion_is_deterministic_and_splits_args_from_overrides(corpus, tmp_path):
@@ -110,13 +110,7 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
   assert rewritten['eval/loss'] == pytest.approx(finals[names[0]]['eval/loss'])
   assert rewritten['memory/total_bytes'] == finals[names[0]]['memory/total_bytes'] > 0
 
-  report = subprocess.run(
-    [sys.executable, '-m', 'ar_jax.study', f'--root={root}'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  report = cli('ar_jax.study', f'--root={root}')
   assert report.returncode == 0, report.stderr
   with open(root / 'study.csv') as f:
     table = {row['name']: row for row in csv.DictReader(f)}
@@ -136,13 +130,7 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
 
 
 def test_study_of_a_root_without_a_sweep_says_so(tmp_path):
-  result = subprocess.run(
-    [sys.executable, '-m', 'ar_jax.study', f'--root={tmp_path}'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  result = cli('ar_jax.study', f'--root={tmp_path}')
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
     f'error: {tmp_path} holds no sweep: {tmp_path}/sweep.json is missing'
