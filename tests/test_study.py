@@ -87,7 +87,7 @@ def test_print_and_slurm_runners_list_the_unfinished_runs(corpus, tmp_path):
 
 def test_tiny_study_end_to_end(corpus, tmp_path):
   root = tmp_path / 'study'
-  first = launch(root, '--parallel=2')
+  first = launch(root)
   assert first.returncode == 0, first.stdout + first.stderr
   names = [r['name'] for r in json.loads((root / 'sweep.json').read_text())['runs']]
   finals = {n: json.loads((root / n / 'final.json').read_text()) for n in names}
