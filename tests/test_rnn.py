@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ar_jax import models, train
+from ar_jax.models import rnn
 from tests.helpers import read_jsonl, tiny_config
 
 
@@ -157,6 +159,59 @@ def test_gated_cells_match_a_float64_reference(cell):
   if cell == 'lstm':  # forget-gate bias initialisation: the second gate block starts at 1
     bias = np.asarray(params['layer_0']['bias']).reshape(4, -1)
     assert (bias[1] == 1.0).all() and (bias[[0, 2, 3]] == 0.0).all()
+
+
+@pytest.mark.parametrize(
+  'cell,activation', [('elman', 'tanh'), ('elman', 'relu'), ('lstm', 'tanh'), ('gru', 'tanh')]
+)
+def test_hand_written_bptt_equals_autodiff_of_the_loop(cell, activation):
+  """The cells' backward (from saved gates) and the matmuls after the loop against JAX's own
+  differentiation of the same forward scan, through document restarts and a nonzero carry."""
+  cfg = rnn.Config(vocab_size=2, cell=cell, activation=activation)
+  c = rnn.make_cell(cfg)
+  T, B, D, S = 9, 3, 5, 4
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  normal = lambda *shape: jax.random.normal(next(keys), shape)  # noqa: E731
+  args = (
+    normal(T, B, D),
+    0.5 * normal(D, c.gates * S),
+    normal(c.gates * S),
+    0.5 * normal(S, c.gates * S),
+    normal(c.gates * S) if c.recurrent_bias else None,
+    tuple(normal(B, S) for _ in c.state_names),
+  )
+  keep_TB = jnp.asarray(np.random.default_rng(0).random((T, B)) > 0.2, jnp.float32)
+  assert 0 < keep_TB.sum() < T * B
+  weights_TBS, weights_final = normal(T, B, S), tuple(normal(B, S) for _ in c.state_names)
+
+  def loss(run, *a):
+    h_TBS, final = run(c, 1, jnp.dtype('float32'), *a, keep_TB)
+    return jnp.sum(h_TBS * weights_TBS) + sum(
+      jnp.sum(x * w) for x, w in zip(final, weights_final, strict=True)
+    )
+
+  argnums = tuple(i for i, a in enumerate(args, start=1) if a is not None)
+  ours = jax.grad(loss, argnums)(rnn.recurrence, *args)
+  autodiff = jax.grad(loss, argnums)(lambda *a: rnn._forward(*a)[0], *args)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, autodiff)
+
+
+@pytest.mark.parametrize('cell', ['lstm', 'gru'])
+def test_bfloat16_compute_tracks_float32(cell):
+  model, params = make(cell=cell, d_hidden=64)
+  low, _ = make(cell=cell, d_hidden=64, dtype='bfloat16')
+  tokens = jax.random.randint(jax.random.key(2), (4, 16), 0, 11)
+
+  def loss(m, p):
+    logits = m.apply({'params': p}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  l32, g32 = jax.value_and_grad(lambda p: loss(model, p))(params)
+  l16, g16 = jax.value_and_grad(lambda p: loss(low, p))(params)
+  assert abs(float(l16) - float(l32)) < 1e-2
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+    assert b.dtype == jnp.float32  # gradients reach the float32 parameters unrounded
+    assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-6
 
 
 @pytest.mark.parametrize('cell', ['elman', 'lstm', 'gru'])

@@ -4,9 +4,13 @@ The seeds' recurrence (000-003): h_t = f(W_x x_t + W_h h_{t-1} + b_h), and
 p(x_{t+1} | x_<=t) = softmax(W_y h_t + b_y). Every cell here is one matmul per step,
 h_{t-1} @ W_h, followed by elementwise gates; the input projection x @ W_x of all steps is
 one matmul before the loop. Backpropagation through time is written by hand (seed 002's
-boxed recursion, generalised to gated cells): the backward loop carries the error on the
-state and does one matmul per step, and dW_h = sum_t h_{t-1}^T dz_t is one large matmul
-after it, instead of an accumulation inside the loop.
+boxed recursion, generalised to gated cells): the forward loop saves each step's activated
+gates, the backward loop carries the error on the state and does one matmul per step, and
+the kernels' gradients (dW_h = sum_t h_{t-1}^T dz_t) are one large matmul each after it,
+instead of an accumulation inside the loop.
+
+The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis
+and every large matmul is 2-D over T * B rows without a transposing copy.
 
 Kernels are stored [in, out] (x @ W), so the seeds' W_x is the transpose of input_kernel.
 
@@ -56,33 +60,68 @@ class Config:
 
 
 class Cell(NamedTuple):
-  """A recurrent cell: G projection blocks of width S, and its elementwise update.
+  """A recurrent cell: G projection blocks of width S, its step and the step's backward.
 
-  update(xz_BG, hz_BG, carry) -> new carry, where xz is the input projection (with its
-  bias), hz = h_{t-1} @ W_h (+ recurrent bias), carry a tuple whose first entry is h.
+  forward(xz_BG, hz_BG, carry) -> (new carry, saved_BR): xz is the input projection (with
+  its bias), hz = h_{t-1} @ W_h (+ recurrent bias), carry a tuple whose first entry is h,
+  and saved_BR what the backward needs of the step: the activated gates, so the backward
+  loop evaluates no nonlinearity.
+  backward(saved_BR, carry, dcarry) -> (dxz_BG, dhz_BG, dcarry_prev): the errors on the
+  pre-activations (seed 002's r_t = f'(a_t) * s_t) from dcarry, the error on the new carry;
+  dcarry_prev leaves out the path through W_h, which the BPTT loop adds.
   """
 
   gates: int
-  update: Callable
+  forward: Callable
+  backward: Callable
   state_names: tuple[str, ...]
   recurrent_bias: bool = False
 
 
 def _elman(activation):
-  f = jnp.tanh if activation == 'tanh' else jax.nn.relu
-  return Cell(1, lambda xz, hz, carry: (f(xz + hz),), ('h',))
+  f, df = {  # df in terms of the output h = f(a)
+    'tanh': (jnp.tanh, lambda h: 1.0 - h * h),
+    'relu': (jax.nn.relu, lambda h: (h > 0).astype(h.dtype)),
+  }[activation]
+
+  def forward(xz, hz, carry):
+    h = f(xz + hz)
+    return (h,), h
+
+  def backward(h, carry, dcarry):
+    da = dcarry[0] * df(h)
+    return da, da, (0.0,)
+
+  return Cell(1, forward, backward, ('h',))
 
 
-def _lstm_update(xz, hz, carry):
+def _lstm_forward(xz, hz, carry):
   """Seed 003's gates: i, f, o = sigmoid(.), candidate = tanh(.), c = f c + i candidate,
   h = o tanh(c); '.' = W [h_{t-1}, x_t] + b, split here into hz + xz."""
-  _, c = carry
-  i, f, g, o = jnp.split(xz + hz, 4, axis=-1)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+  a_i, a_f, a_g, a_o = jnp.split(xz + hz, 4, axis=-1)
+  i, f, g, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g), jax.nn.sigmoid(a_o)
+  c = f * carry[1] + i * g
+  tanh_c = jnp.tanh(c)
+  return (o * tanh_c, c), jnp.concatenate([i, f, g, o, tanh_c], axis=-1)
 
 
-def _gru_update(xz, hz, carry):
+def _lstm_backward(saved, carry, dcarry):
+  i, f, g, o, tanh_c = jnp.split(saved, 5, axis=-1)
+  dh, dc = dcarry
+  dc = dc + dh * o * (1.0 - tanh_c * tanh_c)  # c reaches the loss directly and through h
+  da = jnp.concatenate(
+    [
+      dc * g * i * (1.0 - i),
+      dc * carry[1] * f * (1.0 - f),
+      dc * i * (1.0 - g * g),
+      dh * tanh_c * o * (1.0 - o),
+    ],
+    axis=-1,
+  )
+  return da, da, (0.0, dc * f)
+
+
+def _gru_forward(xz, hz, carry):
   """Cho et al. (2014) with the reset gate applied after the recurrent matmul:
   n = tanh(xz_n + r * (U_n h + b_n)) rather than tanh(xz_n + U_n (r * h)).
 
@@ -90,89 +129,138 @@ def _gru_update(xz, hz, carry):
   matmul per step, h @ [U_r U_z U_n], which the hand-written BPTT below relies on; the
   paper's form needs a second matmul after r is known, on the sequential critical path.
   """
-  (h,) = carry
   xr, xz_, xn = jnp.split(xz, 3, axis=-1)
   hr, hz_, hn = jnp.split(hz, 3, axis=-1)
   r = jax.nn.sigmoid(xr + hr)
   z = jax.nn.sigmoid(xz_ + hz_)
   n = jnp.tanh(xn + r * hn)
-  return ((1.0 - z) * n + z * h,)
+  return ((1.0 - z) * n + z * carry[0],), jnp.concatenate([r, z, n, hn], axis=-1)
+
+
+def _gru_backward(saved, carry, dcarry):
+  r, z, n, hn = jnp.split(saved, 4, axis=-1)
+  (dh,) = dcarry
+  da_n = dh * (1.0 - z) * (1.0 - n * n)
+  da_r = da_n * hn * r * (1.0 - r)
+  da_z = dh * (carry[0] - n) * z * (1.0 - z)
+  # The input side sees n's pre-activation error; the recurrent side sees it through r.
+  return (
+    jnp.concatenate([da_r, da_z, da_n], axis=-1),
+    jnp.concatenate([da_r, da_z, da_n * r], axis=-1),
+    (dh * z,),
+  )
 
 
 def make_cell(cfg: Config) -> Cell:
   if cfg.cell == 'elman':
     return _elman(cfg.activation)
   if cfg.cell == 'lstm':
-    return Cell(4, _lstm_update, ('h', 'c'))
-  return Cell(3, _gru_update, ('h',), recurrent_bias=True)
+    return Cell(4, _lstm_forward, _lstm_backward, ('h', 'c'))
+  return Cell(3, _gru_forward, _gru_backward, ('h',), recurrent_bias=True)
+
+
+_NN = ((1,), (0,))  # a @ b
+_NT = ((1,), (1,))  # a @ b.T: XLA:CPU's small-batch matmul is fastest with both contractions minor
+_TIME_BATCH = ((0, 1), (0, 1))  # summed over time and batch: the kernels' gradients
+
+
+def _matmul(a, b, dtype, contracting=_NN):
+  """A matmul with operands in the compute dtype, accumulated and returned in float32.
+
+  The state and gates are float32, so a float32 result costs nothing; and XLA:CPU runs
+  bf16 x bf16 -> float32 on the AMX units, while a bf16 result takes a path slower than
+  float32 (about 2.5x and 0.9x float32's speed at these shapes).
+  """
+  return jax.lax.dot_general(
+    a.astype(dtype), b.astype(dtype), (contracting, ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 def _mask(carry, keep_B):
   return tuple(a * keep_B[:, None] for a in carry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def recurrence(cell: Cell, unroll: int, xz_TBG, w_SG, b_G, carry0, keep_TB):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def recurrence(cell: Cell, unroll: int, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
   """Runs the cell over T steps: (outputs h_TBS, final carry).
 
-  keep_TB zeroes the carry before step t where it is 0 (a document starts at t).
+  w_DG, b_G project the inputs, w_SG, b_h (None but for the GRU) the state; the matmuls
+  compute in `dtype`. keep_TB zeroes the carry before step t where it is 0 (a document
+  starts at t).
   """
-  return _forward(cell, unroll, xz_TBG, w_SG, b_G, carry0, keep_TB)[0]
+  return _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB)[0]
 
 
-def _forward(cell, unroll, xz_TBG, w_SG, b_G, carry0, keep_TB):
+def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
+  # The input projection of every time step, hoisted out of the loop: one large matmul. Its
+  # bias is added in the loop, where it fuses into the gates instead of costing a pass.
+  xz_TBG = _matmul(x_TBD, w_DG, dtype, ((2,), (0,)))
+  w_GS = w_SG.T.astype(dtype)
+
   def step(carry, inputs):
     xz_BG, keep_B = inputs
     carry = _mask(carry, keep_B)
-    hz_BG = carry[0].astype(w_SG.dtype) @ w_SG
-    hz_BG = hz_BG.astype(jnp.float32) + (0.0 if b_G is None else b_G)
-    new = cell.update(xz_BG, hz_BG, carry)
-    return new, (new[0], carry, hz_BG)
+    hz_BG = _matmul(carry[0], w_GS, dtype, _NT) + (0.0 if b_h is None else b_h)
+    new, saved = cell.forward(xz_BG + b_G, hz_BG, carry)
+    return new, (new[0], carry, saved)
 
-  final, (h_TBS, prev_TB, hz_TBG) = jax.lax.scan(step, carry0, (xz_TBG, keep_TB), unroll=unroll)
-  return (h_TBS, final), (prev_TB, hz_TBG)
-
-
-def _recurrence_fwd(cell, unroll, xz_TBG, w_SG, b_G, carry0, keep_TB):
-  out, (prev_TB, hz_TBG) = _forward(cell, unroll, xz_TBG, w_SG, b_G, carry0, keep_TB)
-  return out, (xz_TBG, w_SG, b_G, keep_TB, prev_TB, hz_TBG)
+  final, (h_TBS, prev_TB, saved_TBR) = jax.lax.scan(step, carry0, (xz_TBG, keep_TB), unroll=unroll)
+  return (h_TBS, final), (prev_TB, saved_TBR)
 
 
-def _recurrence_bwd(cell, unroll, residuals, cotangents):
+def _recurrence_fwd(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
+  out, (prev_TB, saved_TBR) = _forward(
+    cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB
+  )
+  return out, (x_TBD, w_DG, w_SG, b_h, keep_TB, prev_TB, saved_TBR)
+
+
+def _recurrence_bwd(cell, unroll, dtype, residuals, cotangents):
   """BPTT (seed 002): the error on the state at t is the local error from the output plus
-  the error carried back from t + 1 through the cell; r_t = dz_t drives every gradient."""
-  xz_TBG, w_SG, b_G, keep_TB, prev_TB, hz_TBG = residuals
+  the error carried back from t + 1 through the cell; r_t = dz_t drives every gradient.
+
+  The loop carries the error on the state and does one matmul per step; the gradients of
+  the inputs and of the kernels are one large matmul each after it, and stay float32.
+  """
+  x_TBD, w_DG, w_SG, b_h, keep_TB, prev_TB, saved_TBR = residuals
   dh_TBS, dfinal = cotangents
+  w_SG_c = w_SG.astype(dtype)
 
   def step(dcarry, inputs):
-    xz_BG, hz_BG, prev, dh_BS, keep_B = inputs
+    saved_BR, prev, dh_BS, keep_B = inputs
     dcarry = (dcarry[0] + dh_BS, *dcarry[1:])  # h_t is both the output and the next state
-    _, vjp = jax.vjp(cell.update, xz_BG, hz_BG, prev)
-    dxz_BG, dhz_BG, dprev = vjp(dcarry)
-    dh_prev = dprev[0] + (dhz_BG.astype(w_SG.dtype) @ w_SG.T).astype(jnp.float32)
-    return _mask((dh_prev, *dprev[1:]), keep_B), (dxz_BG, dhz_BG)
+    dxz_BG, dhz_BG, dprev = cell.backward(saved_BR, prev, dcarry)
+    dh_prev = dprev[0] + _matmul(dhz_BG, w_SG_c, dtype, _NT)
+    # Where z = xz + hz the two errors are one array: stack it once.
+    return _mask((dh_prev, *dprev[1:]), keep_B), (dxz_BG, None if dhz_BG is dxz_BG else dhz_BG)
 
   dcarry0, (dxz_TBG, dhz_TBG) = jax.lax.scan(
-    step, dfinal, (xz_TBG, hz_TBG, prev_TB, dh_TBS, keep_TB), reverse=True, unroll=unroll
+    step, dfinal, (saved_TBR, prev_TB, dh_TBS, keep_TB), reverse=True, unroll=unroll
   )
-  h_prev_TBS = prev_TB[0]
-  # One [S, T*B] x [T*B, G] matmul for the recurrent kernel's gradient.
-  dw_SG = jnp.einsum('tbs,tbg->sg', h_prev_TBS.astype(w_SG.dtype), dhz_TBG.astype(w_SG.dtype))
-  db_G = None if b_G is None else dhz_TBG.sum(axis=(0, 1))
-  return dxz_TBG, dw_SG.astype(w_SG.dtype), db_G, dcarry0, jnp.zeros_like(keep_TB)
+  dhz_TBG = dxz_TBG if dhz_TBG is None else dhz_TBG
+  return (
+    _matmul(dxz_TBG, w_DG, dtype, ((2,), (1,))).astype(x_TBD.dtype),
+    _matmul(x_TBD, dxz_TBG, dtype, _TIME_BATCH),
+    dxz_TBG.sum(axis=(0, 1)),
+    _matmul(prev_TB[0], dhz_TBG, dtype, _TIME_BATCH),
+    None if b_h is None else dhz_TBG.sum(axis=(0, 1)),
+    dcarry0,
+    jnp.zeros_like(keep_TB),
+  )
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class RecurrentLayer(nn.Module):
-  """One recurrent layer over a sequence: [B, T, D_in] and a carry -> [B, T, S] and a carry."""
+  """One recurrent layer over a time-major sequence: [T, B, D_in] and a carry -> [T, B, S]
+  and a carry."""
 
   config: Config
   d_in: int
 
   @nn.compact
-  def __call__(self, x_BTD, carry, keep_BT):
+  def __call__(self, x_TBD, carry, keep_TB):
     cfg = self.config
     cell = make_cell(cfg)
     S, G = cfg.d_hidden, cell.gates * cfg.d_hidden
@@ -193,14 +281,7 @@ class RecurrentLayer(nn.Module):
       if cell.recurrent_bias
       else None
     )
-    B, T, _ = x_BTD.shape
-    # The input projection of every time step, hoisted out of the loop: one large matmul.
-    xz_BTG = (x_BTD.reshape(B * T, -1).astype(dtype) @ w_x.astype(dtype)).reshape(B, T, G)
-    xz_TBG = jnp.swapaxes(xz_BTG.astype(jnp.float32) + b_x, 0, 1)
-    h_TBS, carry = recurrence(
-      cell, cfg.unroll, xz_TBG, w_h.astype(dtype), b_h, carry, jnp.swapaxes(keep_BT, 0, 1)
-    )
-    return jnp.swapaxes(h_TBS, 0, 1), carry
+    return recurrence(cell, cfg.unroll, dtype, x_TBD, w_x, b_x, w_h, b_h, carry, keep_TB)
 
   def _bias_init(self, cell: Cell):
     forget_bias = self.config.forget_bias if self.config.cell == 'lstm' else 0.0
@@ -254,23 +335,28 @@ class Model(nn.Module):
   def step(self, tokens_BT: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
     """Consumes T tokens from the carries in `cache`: (logits_BTV, the carries after them)."""
     cfg = self.config
-    x_BTD = self.perturb('embeddings', self.embed(tokens_BT).astype(jnp.float32))
-    keep_BT = (
-      jnp.ones(tokens_BT.shape, jnp.float32)
+    # Time-major inside: the scans index time on the leading axis, and every matmul is 2-D
+    # over T * B rows; only the small embeddings and logits are transposed.
+    x_TBD = jnp.swapaxes(
+      self.perturb('embeddings', self.embed(tokens_BT).astype(jnp.float32)), 0, 1
+    )
+    tokens_TB = tokens_BT.T
+    keep_TB = (
+      jnp.ones(tokens_TB.shape, jnp.float32)
       if cfg.eos_id is None
-      else (tokens_BT != cfg.eos_id).astype(jnp.float32)  # eos restarts the state
+      else (tokens_TB != cfg.eos_id).astype(jnp.float32)  # eos restarts the state
     )
     new_cache = []
     for i, layer in enumerate(self.layers):
-      inputs_BTD = self.norms[i](x_BTD) if cfg.layer_norm else x_BTD
-      h_BTS, carry = layer(inputs_BTD, cache[i], keep_BT)
+      inputs_TBD = self.norms[i](x_TBD) if cfg.layer_norm else x_TBD
+      h_TBS, carry = layer(inputs_TBD, cache[i], keep_TB)
       new_cache.append(carry)
-      h_BTS = self.drop(h_BTS)
-      x_BTD = x_BTD + h_BTS if cfg.residual and x_BTD.shape == h_BTS.shape else h_BTS
-      x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'rnn_hidden'))
+      h_TBS = self.drop(h_TBS)
+      x_TBD = x_TBD + h_TBS if cfg.residual and x_TBD.shape == h_TBS.shape else h_TBS
+      x_TBD = nn.with_logical_constraint(x_TBD, ('length', 'batch', 'rnn_hidden'))
     if cfg.layer_norm:
-      x_BTD = self.norms[-1](x_BTD)
-    return self.readout(x_BTD), tuple(new_cache)
+      x_TBD = self.norms[-1](x_TBD)
+    return jnp.swapaxes(self.readout(x_TBD), 0, 1), tuple(new_cache)
 
   def readout(self, h_BTS: jax.Array) -> jax.Array:
     """Output logits W_y h + b_y, in float32."""
