@@ -9,8 +9,9 @@ gates, the backward loop carries the error on the state and does one matmul per 
 the kernels' gradients (dW_h = sum_t h_{t-1}^T dz_t) are one large matmul each after it,
 instead of an accumulation inside the loop.
 
-The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis
-and every large matmul is 2-D over T * B rows without a transposing copy.
+The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis,
+so their inputs and stacked outputs need no transposes; only the embeddings going in and
+the logits coming out are swapped.
 
 Kernels are stored [in, out] (x @ W), so the seeds' W_x is the transpose of input_kernel.
 
@@ -159,12 +160,11 @@ def make_cell(cfg: Config) -> Cell:
   return Cell(3, _gru_forward, _gru_backward, ('h',), recurrent_bias=True)
 
 
-_NN = ((1,), (0,))  # a @ b
 _NT = ((1,), (1,))  # a @ b.T: XLA:CPU's small-batch matmul is fastest with both contractions minor
 _TIME_BATCH = ((0, 1), (0, 1))  # summed over time and batch: the kernels' gradients
 
 
-def _matmul(a, b, dtype, contracting=_NN):
+def _matmul(a, b, dtype, contracting):
   """A matmul with operands in the compute dtype, accumulated and returned in float32.
 
   The state and gates are float32, so a float32 result costs nothing; and XLA:CPU runs
@@ -335,8 +335,7 @@ class Model(nn.Module):
   def step(self, tokens_BT: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
     """Consumes T tokens from the carries in `cache`: (logits_BTV, the carries after them)."""
     cfg = self.config
-    # Time-major inside: the scans index time on the leading axis, and every matmul is 2-D
-    # over T * B rows; only the small embeddings and logits are transposed.
+    # Time-major inside (see the module docstring); the contract's arrays are [B, T, ...].
     x_TBD = jnp.swapaxes(
       self.perturb('embeddings', self.embed(tokens_BT).astype(jnp.float32)), 0, 1
     )
@@ -358,9 +357,9 @@ class Model(nn.Module):
       x_TBD = self.norms[-1](x_TBD)
     return jnp.swapaxes(self.readout(x_TBD), 0, 1), tuple(new_cache)
 
-  def readout(self, h_BTS: jax.Array) -> jax.Array:
-    """Output logits W_y h + b_y, in float32."""
-    return self.head(h_BTS.astype(jnp.float32)).astype(jnp.float32)
+  def readout(self, h: jax.Array) -> jax.Array:
+    """Output logits W_y h + b_y, in float32, for states h of any leading shape."""
+    return self.head(h.astype(jnp.float32)).astype(jnp.float32)
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     """Teacher forcing from a zero state: logits_BTV."""
