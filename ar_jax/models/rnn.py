@@ -15,7 +15,8 @@ the logits coming out are swapped.
 
 Kernels are stored [in, out] (x @ W), so the seeds' W_x is the transpose of input_kernel.
 
-Dimension legend: B batch, T time, E embedding width, S state width, G gates * S, V vocab.
+Dimension legend: B batch, T time, E embedding width, D a layer's input width, S state
+width, G gates * S, R the width of a step's saved gates, V vocab.
 """
 
 import dataclasses
@@ -67,9 +68,10 @@ class Cell(NamedTuple):
   its bias), hz = h_{t-1} @ W_h (+ recurrent bias), carry a tuple whose first entry is h,
   and saved_BR what the backward needs of the step: the activated gates, so the backward
   loop evaluates no nonlinearity.
-  backward(saved_BR, carry, dcarry) -> (dxz_BG, dhz_BG, dcarry_prev): the errors on the
-  pre-activations (seed 002's r_t = f'(a_t) * s_t) from dcarry, the error on the new carry;
-  dcarry_prev leaves out the path through W_h, which the BPTT loop adds.
+  backward(saved_BR, carry, dcarry) -> (dxz_BG, dhz_BG, dcarry_prev): given the step's
+  input carry and dcarry, the error on its new carry, the errors on the pre-activations
+  (seed 002's r_t = f'(a_t) * s_t) and on the input carry, leaving out the path through
+  W_h, which the BPTT loop adds.
   """
 
   gates: int
@@ -195,7 +197,7 @@ def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
   # The input projection of every time step, hoisted out of the loop: one large matmul. Its
   # bias is added in the loop, where it fuses into the gates instead of costing a pass.
   xz_TBG = _matmul(x_TBD, w_DG, dtype, ((2,), (0,)))
-  w_GS = w_SG.T.astype(dtype)
+  w_GS = w_SG.T.astype(dtype)  # cast once, outside the loop
 
   def step(carry, inputs):
     xz_BG, keep_B = inputs
@@ -224,7 +226,7 @@ def _recurrence_bwd(cell, unroll, dtype, residuals, cotangents):
   """
   x_TBD, w_DG, w_SG, b_h, keep_TB, prev_TB, saved_TBR = residuals
   dh_TBS, dfinal = cotangents
-  w_SG_c = w_SG.astype(dtype)
+  w_SG_c = w_SG.astype(dtype)  # cast once, outside the loop
 
   def step(dcarry, inputs):
     saved_BR, prev, dh_BS, keep_B = inputs
