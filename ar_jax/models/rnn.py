@@ -162,7 +162,8 @@ def make_cell(cfg: Config) -> Cell:
   return Cell(3, _gru_forward, _gru_backward, ('h',), recurrent_bias=True)
 
 
-_NT = ((1,), (1,))  # a @ b.T: XLA:CPU's small-batch matmul is fastest with both contractions minor
+_NN = ((1,), (0,))  # a @ b
+_NT = ((1,), (1,))  # a @ b.T, without materialising the transpose
 _TIME_BATCH = ((0, 1), (0, 1))  # summed over time and batch: the kernels' gradients
 
 
@@ -197,12 +198,12 @@ def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
   # The input projection of every time step, hoisted out of the loop: one large matmul. Its
   # bias is added in the loop, where it fuses into the gates instead of costing a pass.
   xz_TBG = _matmul(x_TBD, w_DG, dtype, ((2,), (0,)))
-  w_GS = w_SG.T.astype(dtype)  # cast once, outside the loop
+  w_SG_c = w_SG.astype(dtype)  # cast once, outside the loop
 
   def step(carry, inputs):
     xz_BG, keep_B = inputs
     carry = _mask(carry, keep_B)
-    hz_BG = _matmul(carry[0], w_GS, dtype, _NT) + (0.0 if b_h is None else b_h)
+    hz_BG = _matmul(carry[0], w_SG_c, dtype, _NN) + (0.0 if b_h is None else b_h)
     new, saved = cell.forward(xz_BG + b_G, hz_BG, carry)
     return new, (new[0], carry, saved)
 
