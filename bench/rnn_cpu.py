@@ -37,8 +37,10 @@ DTYPES = ('float32', 'bfloat16')
 
 
 def run(config, name: str) -> tuple[dict, list[dict]]:
+  """(the run's final.json: final eval, decoding speed, ...; its training log lines)."""
   workdir = tempfile.mkdtemp(prefix=f'rnn_bench_{name}_')
-  final = train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir)
+  final = json.loads(pathlib.Path(workdir, 'final.json').read_text())
   logged = [json.loads(x) for x in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   return final, [m for m in logged if 'train/tokens_per_sec' in m]
 

@@ -194,16 +194,20 @@ def recurrence(cell: Cell, unroll: int, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carr
   return _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB)[0]
 
 
-def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
+def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB, training=False):
   # The input projection of every time step, hoisted out of the loop: one large matmul. Its
   # bias is added in the loop, where it fuses into the gates instead of costing a pass.
   xz_TBG = _matmul(x_TBD, w_DG, dtype, ((2,), (0,)))
-  w_SG_c = w_SG.astype(dtype)  # cast once, outside the loop
+  # XLA:CPU runs the per-step [B, S] x [S, G] matmul about 10% faster against the kernel
+  # transposed in memory. Training pays for the transpose once per T steps; decoding calls
+  # this once per token, and XLA does not hoist the transpose out of its loop.
+  w_h, dims = (w_SG.T, _NT) if training else (w_SG, _NN)
+  w_h = w_h.astype(dtype)  # cast once, outside the loop
 
   def step(carry, inputs):
     xz_BG, keep_B = inputs
     carry = _mask(carry, keep_B)
-    hz_BG = _matmul(carry[0], w_SG_c, dtype, _NN) + (0.0 if b_h is None else b_h)
+    hz_BG = _matmul(carry[0], w_h, dtype, dims) + (0.0 if b_h is None else b_h)
     new, saved = cell.forward(xz_BG + b_G, hz_BG, carry)
     return new, (new[0], carry, saved)
 
@@ -213,7 +217,7 @@ def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
 
 def _recurrence_fwd(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
   out, (prev_TB, saved_TBR) = _forward(
-    cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB
+    cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB, training=True
   )
   return out, (x_TBD, w_DG, w_SG, b_h, keep_TB, prev_TB, saved_TBR)
 
