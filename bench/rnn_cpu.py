@@ -50,10 +50,16 @@ def steady_rate(logs: list[dict]) -> float:
   return statistics.median(m['train/tokens_per_sec'] for m in (logs[1:] or logs))
 
 
-def throughput(model: str, dtype: str) -> tuple[float, float]:
-  """(training tokens/s, decoding tokens/s)."""
+def preset(model: str, dtype: str):
+  """The shakespeare_char nanogpt_cpu preset for `model`, its matmuls in `dtype`."""
   c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model}')
   c.model.dtype = dtype
+  return c
+
+
+def throughput(model: str, dtype: str) -> tuple[float, float]:
+  """(training tokens/s, decoding tokens/s)."""
+  c = preset(model, dtype)
   c.batch_size, c.data.seq_len = 32, 128
   c.num_train_steps, c.log_every_steps, c.steps_per_dispatch = 40, 8, 4
   c.eval_every_steps = c.checkpoint_every_steps = 1000
@@ -63,17 +69,15 @@ def throughput(model: str, dtype: str) -> tuple[float, float]:
 
 
 def budgeted(model: str, dtype: str, budget: float) -> tuple[float, int, float]:
-  probe = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model}')
-  probe.model.dtype = dtype
+  probe = preset(model, dtype)
   probe.num_train_steps, probe.log_every_steps, probe.eval_batches = 60, 20, 1
   probe.sample.max_new_tokens, probe.optim.warmup_steps = 1, 10
   tokens_per_step = probe.batch_size * probe.data.seq_len
-  steps = int(budget * steady_rate(run(probe, f'{model}_probe')[1]) / tokens_per_step)
-  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model}')
-  c.model.dtype = dtype
+  steps = int(budget * steady_rate(run(probe, f'{model}_{dtype}_probe')[1]) / tokens_per_step)
+  c = preset(model, dtype)
   c.num_train_steps = max(steps, 2 * c.optim.warmup_steps)
   c.eval_every_steps = c.checkpoint_every_steps = c.num_train_steps
-  final, logs = run(c, model)
+  final, logs = run(c, f'{model}_{dtype}')
   seconds = sum(m['train/step_time_ms'] for m in logs) / 1000 * c.log_every_steps
   return final['eval/loss'], c.num_train_steps, seconds
 
