@@ -5,103 +5,327 @@ recurrent carry when training is stateful), the data iterator's state and the ru
 metadata (resolved config, tokenizer), so a workdir is enough to resume a run or sample
 from it. Orbax writes a step into a temporary directory and renames it when complete, so a
 process killed mid-save leaves no half-written step behind (its debris is removed on the
-next start); a step that is complete on disk but unreadable is moved aside, never deleted.
+next start).
+
+A step that cannot be restored is one of three things, and only the first moves anything:
+  damaged     a file missing, truncated or undecodable: the step is moved aside (renamed
+              STEP.unreadable.TIME, never deleted) by a trainer, skipped by a reader, and
+              the step before it is tried;
+  mismatched  readable, but its tree, shapes or dtypes are not what this code and config
+              build: the run stops, naming the differing leaves;
+  unexplained anything else (out of memory, permissions, a filesystem hiccup, a bug): the
+              run stops with the error, and nothing is moved.
 """
 
+import collections
+import contextlib
+import errno
+import gc
+import json
+import logging as logging_lib
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ar_jax.errors import RunError
 
 UNREADABLE = '.unreadable'
+# How tensorstore, orbax and json say that a file is missing, cut short or undecodable.
+_DAMAGE = ('DATA_LOSS', 'NOT_FOUND', 'FAILED_PRECONDITION: Error reading', 'Truncated', 'corrupt')
+_DAMAGE_TYPES = (json.JSONDecodeError, FileNotFoundError, KeyError, UnicodeDecodeError)
+
+
+class Damaged(Exception):
+  """A step whose files cannot be read: what is wrong with them, in one line."""
+
+
+class Mismatch(RunError):
+  """A readable step whose state is not the one this code and config build."""
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
+  """A workdir's checkpoints/ folder; a context manager that closes it on every exit path."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 1, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        create=True,
-        cleanup_tmp_directories=True,
-      ),
-    )
+    with _without_orbax_logs():  # it reads every step's metadata: damage is reported later
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep,
+          enable_async_checkpointing=async_save,
+          create=False,  # made by the first save: nothing is written while a run is checked
+          cleanup_tmp_directories=True,
+        ),
+        item_handlers={  # named, so that a step's metadata can be read without restoring it
+          'state': ocp.StandardCheckpointHandler(),
+          'data': ocp.JsonCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler(),
+        },
+      )
+    self._failed_save: RunError | None = None
+    self._saving: int | None = None  # the step of the last save started
+    self._confirmed: int | None = None  # the step of the last save known to be on disk
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = _dropping_orbax_debris(self._previous_hook)
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close(raise_errors=exc[0] is None)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def moved_aside(self) -> list[str]:
+    """The names of steps moved aside as unreadable, in this or an earlier run."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(n for n in os.listdir(self.directory) if UNREADABLE in n)
+
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Starts writing (asynchronously when enabled); a later save or wait() completes it."""
+    """Starts writing (asynchronously when enabled); check() or wait() sees it complete."""
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
       meta=ocp.args.JsonSave(meta),
     )
+    self.wait()  # orbax waits for the previous save anyway: its failure is reported as its own
+    self._saving = step
+    self._reporting_failure(lambda: _check_free_space(self.directory, state), step)
     self._reporting_failure(lambda: self._manager.save(step, args=args), step)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """(state, data_state, meta) at `step`, the state placed as abstract_state's shardings say."""
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
-    return restored.state, restored.data, restored.meta
-
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-    """The newest readable checkpoint as (step, state, data_state, meta); None if there is none.
-
-    A checkpoint that cannot be read (truncated, corrupted) is renamed STEP.unreadable with a
-    warning, and the one before it is tried. If checkpoints exist but none can be read, this
-    raises rather than let the run silently start from scratch.
-    """
-    tried = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        return (step, *self.restore(step, abstract_state))
-      except Exception as e:  # orbax and tensorstore raise many types for a damaged file
-        tried.append(step)
-        aside = f'{os.path.join(self.directory, str(step))}{UNREADABLE}.{int(time.time())}'
-        os.rename(os.path.join(self.directory, str(step)), aside)
-        self._manager.reload()
-        logging.warning(
-          'the checkpoint at step %d cannot be read (%s: %s); moved it to %s and falling back '
-          'to the one before it',
-          step,
-          type(e).__name__,
-          str(e).splitlines()[0] if str(e) else '',
-          aside,
-        )
-    if tried:
-      raise RunError(
-        f'none of the checkpoints in {self.directory} (steps {tried}) can be read; they were '
-        f'moved aside as *{UNREADABLE}.*; refusing to start the run from scratch over them'
-      )
-    return None
+  def check(self) -> None:
+    """Raises RunError if the save running in the background has failed (a full disk); cheap
+    enough to call at every step."""
+    if self._saving != self._confirmed and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises RunError if it failed."""
-    self._reporting_failure(self._manager.wait_until_finished, self.latest_step())
+    self._reporting_failure(self._manager.wait_until_finished, self._saving)
+    self._confirmed = self._saving
 
-  def close(self) -> None:
-    self._manager.close()
+  def close(self, raise_errors: bool = False) -> None:
+    """Completes an in-flight save and stops orbax's threads, so nothing runs during
+    interpreter shutdown. A failed save already reported is not reported again."""
+    try:
+      self.wait()
+    except RunError:
+      if raise_errors:
+        raise
+    finally:
+      with contextlib.suppress(Exception):
+        self._manager.close()
+      gc.collect()  # orbax's abandoned coroutines are finalised while the filter is in place
+      sys.unraisablehook = self._previous_hook
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """(state, data_state, meta) at `step`, placed as abstract_state's shardings say.
+
+    Raises Damaged, or RunError for a mismatched or unexplained failure.
+    """
+    with _without_orbax_logs():  # a failure is classified and reported here, once
+      try:
+        saved = self._manager.item_metadata(step)['state']
+      except Exception as e:
+        raise _classified(step, e, self.directory) from e
+      _check_matches(step, getattr(saved, 'tree', saved), abstract_state, self.directory)
+      try:
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+          ),
+        )
+      except Exception as e:
+        raise _classified(step, e, self.directory) from e
+    return restored.state, restored.data, restored.meta
+
+  def restore_latest(
+    self, abstract_state: Any, *, move_aside: bool
+  ) -> tuple[int, Any, dict, dict] | None:
+    """The newest readable checkpoint as (step, state, data_state, meta); None if there is none.
+
+    A damaged step is skipped with a warning, and moved aside when `move_aside` (a trainer,
+    which will write new steps over its number; readers leave the folder as it is). With
+    several processes they agree on each step's outcome and only process 0 moves it.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return (step, *_agreed(lambda: self.restore(step, abstract_state), step))  # noqa: B023
+      except Damaged as e:
+        where = os.path.join(self.directory, str(step))
+        if move_aside:
+          aside = f'{where}{UNREADABLE}.{time.strftime("%Y%m%d-%H%M%S")}'
+          if jax.process_index() == 0:
+            os.rename(where, aside)
+          _barrier(f'ar_jax_moved_aside_{step}')
+          self._manager.reload()
+          logging.warning('%s; moved it to %s and trying the one before it', e, aside)
+        else:
+          logging.warning('%s; trying the one before it', e)
+    return None
 
   def _reporting_failure(self, fn, step) -> None:
+    if self._failed_save is not None:  # orbax keeps raising it; it was reported once
+      raise RunError(str(self._failed_save)) from self._failed_save
     try:
       fn()
-    except OSError as e:  # disk full, quota, permissions, a vanished mount
-      kept = sorted(s for s in self._manager.all_steps() if s != step)
-      raise RunError(
-        f'saving the checkpoint at step {step} to {self.directory} failed: {e}; the earlier '
-        f'checkpoints (steps {kept}) are intact: free space or fix the path, then start again '
-        'with the same workdir'
-      ) from e
+    except Exception as e:  # disk full (tensorstore raises ValueError), quota, a vanished mount
+      kept = [s for s in self.steps() if s != step and os.path.isdir(self._step_dir(s))]
+      cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+      cause = cause if len(cause) < 200 else cause[:200] + '...'
+      with contextlib.suppress(OSError):
+        cause += f'; {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there'
+      self._failed_save = RunError(
+        f'saving the checkpoint at step {step} to {self.directory} failed ({cause}); '
+        + (
+          f'the earlier checkpoints (steps {kept}) are intact' if kept else 'none was saved before'
+        )
+        + ': free space or fix the path, then start again with the same workdir'
+      )
+      raise self._failed_save from e
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+
+def _classified(step: int, e: Exception, directory: str) -> Exception:
+  """Damaged when the error (or one it came from) says a file is missing or undecodable."""
+  chain, x = [], e
+  while x is not None and len(chain) < 10:
+    chain.append(x)
+    x = x.__cause__ or x.__context__
+  first_line = lambda x: str(x).splitlines()[0] if str(x) else type(x).__name__
+  damage = next(
+    (x for x in chain if isinstance(x, _DAMAGE_TYPES) or any(d in str(x) for d in _DAMAGE)),
+    None,
+  )
+  if damage is not None:
+    return Damaged(
+      f'the checkpoint at step {step} cannot be read ({type(damage).__name__}: '
+      f'{first_line(damage)[:300]})'
+    )
+  return RunError(
+    f'restoring the checkpoint at step {step} from {directory} failed ({type(e).__name__}: '
+    f'{first_line(chain[-1])[:300]}); this does not look like a damaged file (out of memory, '
+    'permissions, the filesystem?), so nothing was moved: fix the cause and start again'
+  )
+
+
+def _check_matches(step: int, saved: Any, abstract: Any, directory: str) -> None:
+  """Raises RunError naming the leaves whose presence, shape or dtype differ; Damaged when
+  the step's metadata lists no arrays at all."""
+  saved_flat = ocp.tree.to_flat_dict(saved or {}, sep='/')
+  if not saved_flat:
+    raise Damaged(f'the checkpoint at step {step} cannot be read (its array metadata is empty)')
+  wanted = {k: v for k, v in ocp.tree.to_flat_dict(abstract, sep='/').items() if v is not None}
+  describe = lambda v: f'{v.dtype}{list(v.shape)}'
+  diffs = {k: 'missing in the checkpoint' for k in wanted.keys() - saved_flat.keys()}
+  diffs |= {k: 'in the checkpoint only' for k in saved_flat.keys() - wanted.keys()}
+  diffs |= {
+    k: f'checkpoint {describe(saved_flat[k])}, config {describe(v)}'
+    for k, v in wanted.items()
+    if k in saved_flat
+    and (tuple(saved_flat[k].shape) != tuple(v.shape) or np.dtype(saved_flat[k].dtype) != v.dtype)
+  }
+  if diffs:
+    counts = collections.Counter(k.split('/')[0] for k in diffs)
+    first = sorted(diffs, key=lambda k: (not k.startswith('params'), k))[:3]  # params read best
+    examples = '; '.join(f'{k}: {diffs[k]}' for k in first)
+    raise Mismatch(
+      f'the checkpoint at step {step} in {directory} does not match the state this code and '
+      f'config build: {", ".join(f"{n} leaves of {top}" for top, n in sorted(counts.items()))} '
+      f'differ ({examples}). Nothing was moved. Resume with the config the run was started '
+      "with (its config.json; an optimizer or model change alters the state's shapes), or "
+      'start this config in a new workdir'
+    )
+
+
+def _agreed(restore, step: int):
+  """restore(), with every process's outcome agreed: one damaged or failed shard is every
+  process's (0 restored, 1 damaged, 2 failed otherwise)."""
+  if jax.process_count() == 1:
+    return restore()
+  outcome, error = 0, None
+  try:
+    result = restore()
+  except Damaged as e:
+    outcome, error = 1, e
+  except Exception as e:
+    outcome, error = 2, e
+  worst = int(np.max(multihost_utils.process_allgather(np.array(outcome))))
+  if worst == outcome and error is not None:
+    raise error
+  if worst == 1:
+    raise Damaged(f'the checkpoint at step {step} cannot be read by another process')
+  if worst == 2:
+    raise RunError(f'another process failed to restore the checkpoint at step {step}; see its log')
+  return result
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _check_free_space(directory: str, state: Any) -> None:
+  """Raises OSError(ENOSPC) before a save that cannot fit: the bytes this process writes (its
+  shards, one copy of each) against the free space where they go."""
+  needed = sum(
+    shard.data.nbytes
+    for x in jax.tree.leaves(state)
+    for shard in x.addressable_shards
+    if shard.replica_id == 0
+  )
+  os.makedirs(directory, exist_ok=True)
+  usage = shutil.disk_usage(directory)
+  if usage.total and usage.free < needed:  # some network mounts report no sizes at all
+    raise OSError(errno.ENOSPC, f'No space left: it needs {needed / 2**20:.1f} MiB')
+
+
+def _dropping_orbax_debris(hook):
+  """sys.unraisablehook, less what orbax's asynchronous machinery leaves when a read or write
+  fails: its abandoned coroutines, and tensorstore's callbacks into an event loop already
+  closed (a traceback each, by the hundred). The failure itself is raised and reported once."""
+
+  def filtered(unraisable):
+    value = unraisable.exc_value
+    closed_loop = isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+    if not (closed_loop or 'orbax' in repr(unraisable.object)):
+      hook(unraisable)
+
+  return filtered
+
+
+class _NotFromOrbax(logging_lib.Filter):
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return '/orbax/' not in record.pathname
+
+
+@contextlib.contextmanager
+def _without_orbax_logs():
+  handlers = logging_lib.getLogger().handlers
+  quiet = _NotFromOrbax()
+  for h in handlers:
+    h.addFilter(quiet)
+  try:
+    yield
+  finally:
+    for h in handlers:
+      h.removeFilter(quiet)

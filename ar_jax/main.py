@@ -17,6 +17,12 @@ flags.DEFINE_enum(
   'train (and evaluate); evaluate the latest checkpoint; or compile the train step for the '
   'configured mesh and print its memory per device, to catch what does not fit before a job.',
 )
+flags.DEFINE_bool(
+  'allow_restart',
+  False,
+  'Start again from step 0 in a workdir whose history (metrics, final.json, checkpoints moved '
+  'aside) has no checkpoint to resume from; the old history is moved into WORKDIR/previous.TIME.',
+)
 flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', 1, 'Processes in a multi-process run.')
 flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes - 1.')
@@ -31,7 +37,7 @@ def _main():
   elif f.mode == 'compile_only':
     metrics = train.compile_only(f.config, f.workdir)
   else:
-    metrics = train.train_and_evaluate(f.config, f.workdir)
+    metrics = train.train_and_evaluate(f.config, f.workdir, allow_restart=f.allow_restart)
   print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -19,7 +20,6 @@ import optax
 
 from ar_jax import (
   checkpoint,
-  data,
   decoding,
   flops,
   metrics,
@@ -30,11 +30,9 @@ from ar_jax import (
   sharding,
   writers,
 )
-from ar_jax.data import pipeline, tokenizers
+from ar_jax import workdir as workdir_lib
+from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError, RunError, check
-
-# Fields that define what a workdir's checkpoints are: a different value cannot resume it.
-RUN_DEFINING = ('model', 'data', 'seed', 'batch_size')
 
 
 @flax.struct.dataclass
@@ -157,123 +155,6 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model):
   return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """The checks on the shared fields that need nothing but the config."""
-  for name in (
-    'num_train_steps',
-    'batch_size',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-    'steps_per_dispatch',
-    'grad_accum_steps',
-    'keep_checkpoints',
-  ):
-    check(config[name] > 0, f'{name} must be positive, got {config[name]}')
-  check(config.data.seq_len > 0, f'data.seq_len must be positive, got {config.data.seq_len}')
-  scheduled_sampling.validate(config.scheduled_sampling)
-  check(
-    config.nan_policy in ('stop', 'skip'),
-    f'nan_policy={config.nan_policy!r}; allowed: stop, skip',
-  )
-  check(
-    not config.stateful or config.data.sampling == 'sequential',
-    "stateful training continues each batch row's stream: it needs data.sampling='sequential'",
-  )
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything a workdir's run is made of, built and checked before anything is written."""
-
-  config: ml_collections.ConfigDict
-  workdir: str
-  streams: data.TokenStreams
-  model: nn.Module  # deterministic: evaluation and sampling
-  train_model: nn.Module  # with dropout when the config has it
-  mesh: jax.sharding.Mesh
-  tx: optax.GradientTransformation
-
-  @property
-  def tokenizer(self) -> tokenizers.Tokenizer:
-    return self.streams.tokenizer
-
-
-def setup(
-  config: ml_collections.ConfigDict, workdir: str, defining: tuple[str, ...] = RUN_DEFINING
-) -> Run:
-  """Validates config against itself, the devices, the data and the workdir (its `defining`
-  fields must match the run's); writes nothing."""
-  validate(config)
-  _check_workdir(config, workdir, defining)
-  tokenizer_path = os.path.join(workdir, 'tokenizer.json')
-  tokenizer = tokenizers.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
-  streams = data.load(config.data, tokenizer)
-  vocab = streams.tokenizer.vocab_size
-  eos = streams.tokenizer.eos_id
-  model = models.get_model(config.model, vocab, eos)
-  train_model = models.get_model(config.model, vocab, eos, deterministic=False)
-  check(
-    not config.stateful or not model.max_len,
-    f'stateful training carries a recurrent state; model.name={config.model.name!r} has a '
-    f'context of {model.max_len} positions instead',
-  )
-  check(
-    not model.max_len or config.data.seq_len <= model.max_len,
-    f'data.seq_len={config.data.seq_len} is longer than the {model.max_len} positions the model '
-    'supports (model.max_len)',
-  )
-  mesh = sharding.make_mesh(config.mesh)
-  dp = sharding.data_parallel_size(mesh)
-  check(
-    config.batch_size % dp == 0,
-    f'batch_size={config.batch_size} is not divisible by the data-parallel size {dp} '
-    f'(mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]})',
-  )
-  check(
-    config.batch_size % (dp * config.grad_accum_steps) == 0,
-    f'batch_size={config.batch_size} does not split into grad_accum_steps='
-    f'{config.grad_accum_steps} microbatches over the data-parallel size {dp}',
-  )
-  tx = optim.make_optimizer(config.optim, config.num_train_steps)
-  return Run(config, workdir, streams, model, train_model, mesh, tx)
-
-
-def _check_workdir(
-  config: ml_collections.ConfigDict, workdir: str, defining: tuple[str, ...]
-) -> None:
-  """A workdir is one run: refuse a config that defines a different run, and say where."""
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(workdir):
-    check(os.path.isdir(workdir), f'workdir {workdir} exists and is not a directory')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  new = json.loads(config.to_json())
-  diffs = [
-    f'{key}: workdir has {old!r}, config has {now!r}'
-    for field in defining
-    for key, old, now in _diff(field, saved.get(field), new.get(field))
-  ]
-  if diffs:
-    raise ConfigError(
-      f'workdir {workdir} holds a run with a different config; use a new workdir, or match it: '
-      + '; '.join(diffs)
-    )
-
-
-def _diff(prefix, saved, new):
-  """(key, saved value, new value) where they differ. A key the saved config lacks is a
-  field added to the code since the run began: its default does not block resuming."""
-  if isinstance(saved, dict) and isinstance(new, dict):
-    for k in sorted(set(saved) | set(new)):
-      if k in saved:
-        yield from _diff(f'{prefix}.{k}', saved[k], new.get(k))
-  elif saved != new:
-    yield prefix, saved, new
-
-
 def _init_fn(model, tx, config: ml_collections.ConfigDict, unbox: bool):
   dummy = jnp.zeros((1, min(config.data.seq_len, 8)), jnp.int32)
 
@@ -303,7 +184,7 @@ def abstract_state(
   return abstract, shardings
 
 
-def init_state(run: Run, shardings: TrainState) -> TrainState:
+def init_state(run: workdir_lib.Run, shardings: TrainState) -> TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
   init = _init_fn(run.model, run.tx, run.config, unbox=True)
   with sharding.context(run.mesh, run.config.sharding_rules):
@@ -317,7 +198,7 @@ def count_params(params: Any) -> int:
 class Trainer:
   """The compiled steps of one run, and evaluation over its eval splits."""
 
-  def __init__(self, run: Run, shardings: TrainState):
+  def __init__(self, run: workdir_lib.Run, shardings: TrainState):
     self.run = run
     self.batch_sharding = sharding.batch_sharding(run.mesh)
     self.stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
@@ -371,7 +252,9 @@ class Trainer:
     k = max(self._compiled, default=self.run.config.steps_per_dispatch)
     return memory_per_device(self.compile(state, self.abstract_batches(k)))
 
-  def evaluate(self, params) -> dict[str, float]:
+  def evaluate(self, params, should_stop: Callable[[], bool] = lambda: False) -> dict | None:
+    """The eval splits' metrics; None when should_stop() turns true first (it is asked
+    between batches, with at most two batches in flight, so a stop request is prompt)."""
     cfg = self.run.config
     sums = []
     with sharding.context(self.run.mesh, cfg.sharding_rules):
@@ -393,6 +276,10 @@ class Trainer:
               self._token_bytes,
             )
           )
+          if len(sums) > 2:
+            jax.block_until_ready(sums[-3])
+          if should_stop():
+            return None
     # One transfer at the end keeps the batches in flight; float64 for the totals.
     totals = {
       k: float(np.sum(v, dtype=np.float64))
@@ -428,7 +315,7 @@ def chunk_sizes(start: int, config: ml_collections.ConfigDict) -> list[int]:
   return sizes
 
 
-def write_sample(run: Run, params: Any, step: int) -> tuple[str, float]:
+def write_sample(run: workdir_lib.Run, params: Any, step: int) -> tuple[str, float]:
   """A continuation of config.sample.prompt, printed and appended to samples.txt, and the
   decoding speed in new tokens per second (a second, timed call: the first compiles)."""
   s = run.config.sample
@@ -456,16 +343,16 @@ def write_sample(run: Run, params: Any, step: int) -> tuple[str, float]:
   return text, tokens_per_sec
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, allow_restart: bool = False
+) -> dict[str, float]:
   """Trains config's model in workdir, resuming from its latest readable checkpoint.
 
   Returns the final evaluation metrics. SIGTERM or SIGINT stops it cleanly: the current
-  dispatch finishes, a checkpoint is written, and it returns what it has.
+  dispatch (or evaluation batch) finishes, a checkpoint is written, and it returns what it
+  has. A workdir whose history no checkpoint backs is refused unless allow_restart.
   """
-  run = setup(config, workdir)
-  _prepare_workdir(run)
-  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  run = workdir_lib.setup(config, workdir)
   batches = pipeline.train_iterator(
     run.streams.train,
     batch_size=config.batch_size,
@@ -475,75 +362,130 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  restored = ckpt.restore_latest(abstract)
-  if restored is None:
-    state = init_state(run, shardings)
-  else:
-    saved_step, state, data_state, _ = restored
-    batches.set_state(data_state)
-    logging.info('resumed from the checkpoint at step %d', saved_step)
-  step = first_step = int(state.step)
-  meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
-  trainer = Trainer(run, shardings)
-  writer = writers.MetricWriter(workdir, resume_step=step)
-  progress = _Progress(run, trainer, count_params(state.params))
+  _check_prompt(run)
+  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
+  with checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints) as ckpt:
+    restored = _restore(ckpt, abstract, config, workdir, move_aside=True)
+    restart = restored is None and workdir_lib.check_fresh_start(
+      workdir, ckpt.moved_aside(), allow_restart
+    )
+    workdir_lib.prepare(workdir, config, run.tokenizer, restart)  # every check has passed
+    eval_pending = False
+    if restored is None:
+      state = init_state(run, shardings)
+    else:
+      saved_step, state, data_state, saved_meta = restored
+      batches.set_state(data_state)
+      eval_pending = saved_meta.get('eval_pending', False)
+      logging.info('resumed from the checkpoint at step %d', saved_step)
+    step = first_step = int(state.step)
+    if step < config.num_train_steps:
+      workdir_lib.unfinished(workdir)
+    meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
+    trainer = Trainer(run, shardings)
+    writer = writers.MetricWriter(workdir, resume_step=step)
+    progress = _Progress(run, trainer, count_params(state.params))
 
-  final_eval, pending, stopped = {}, [], False
-  try:
-    with preemption.stop_requests() as stop:
-      for k in chunk_sizes(step, config):
-        local = np.stack([next(batches) for _ in range(k)])
-        state, step_metrics = trainer.train(state, local)
-        pending.append(step_metrics)
-        step += k
-        at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
-        stopped = stop.requested()
-        if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
-          # Nothing reaches a checkpoint or the log before it is known to be finite.
-          host = _finite(jax.device_get(pending), step, config.nan_policy, ckpt.latest_step())
-        if at(config.log_every_steps):
-          writer.write(step, progress.log(step, host))
-          pending = []
-        if at(config.eval_every_steps):
-          final_eval = progress.evaluate(state.params, step)
-          writer.write(step, final_eval)
-        if at(config.checkpoint_every_steps) or stopped:
-          ckpt.save(step, state, batches.get_state(), meta)
-        if stopped:
-          logging.warning(
-            'stopped by signal %s at step %d: checkpoint saved; start again with the same '
-            'workdir to continue',
-            stop.signal,
-            step,
-          )
-          break
-    if step == first_step and not final_eval:  # nothing left to train: report where it stands
-      final_eval = trainer.evaluate(state.params)
-    ckpt.wait()
-  finally:  # on an error too: an in-flight save completes, the metrics are flushed
-    ckpt.close()
-    writer.close()
+    final_eval, pending, stopped = {}, [], False
+    try:
+      with preemption.stop_requests() as stop:
+
+        def evaluate():  # True when it finished, False when a stop request cut it short
+          nonlocal final_eval
+          result = progress.evaluate(state.params, step, stop.requested)
+          if result is not None:
+            final_eval = _finite_eval(result, step, config.nan_policy, ckpt.latest_step())
+            writer.write(step, final_eval)
+          return result is not None
+
+        if eval_pending:  # the evaluation at the checkpoint's step was cut short by a stop
+          stopped = not evaluate()
+        for k in [] if stopped else chunk_sizes(step, config):
+          local = np.stack([next(batches) for _ in range(k)])
+          state, step_metrics = trainer.train(state, local)
+          pending.append(step_metrics)
+          step += k
+          at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
+          ckpt.check()  # a background save that failed stops the run here
+          stopped = stop.requested()
+          if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
+            # Nothing reaches a checkpoint or the log before it is known to be finite.
+            host = _finite(jax.device_get(pending), step, config.nan_policy, ckpt.latest_step())
+          if at(config.log_every_steps):
+            writer.write(step, progress.log(step, host))
+            pending = []
+          eval_pending = at(config.eval_every_steps) and (stopped or not evaluate())
+          stopped = stopped or eval_pending
+          if at(config.checkpoint_every_steps) or stopped:
+            ckpt.save(step, state, batches.get_state(), {**meta, 'eval_pending': eval_pending})
+          if stopped:
+            break
+      if stopped:
+        ckpt.wait()  # the checkpoint is on disk before the run says so
+        logging.warning(
+          'stopped by signal %s at step %d: checkpoint saved; start again with the same '
+          'workdir to continue',
+          stop.signal,
+          step,
+        )
+      elif step == first_step and not final_eval:  # nothing left to train: where it stands
+        final_eval = _finite_eval(
+          trainer.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
+        )
+    finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
+      writer.close()
   if not stopped:
     text, sample_speed = write_sample(run, state.params, step)
     logging.info('sample at step %d:\n%s', step, text)
-    _write_final(run, trainer.memory(state), progress, step, final_eval, sample_speed)
+    summary = {
+      'step': step,
+      **final_eval,
+      'num_params': progress.num_params,
+      'forward_flops_per_token': progress.flops_per_token / 3,
+      **trainer.memory(state),
+      'sample/tokens_per_sec': sample_speed,
+    }
+    workdir_lib.write_final(workdir, summary)
   return final_eval
 
 
-def _prepare_workdir(run: Run) -> None:
-  """Creates the workdir and proves it writable before any training; records the run."""
+def _check_prompt(run: workdir_lib.Run) -> None:
+  """The end-of-run sample's prompt must encode: found before training, not after it."""
   try:
-    os.makedirs(run.workdir, exist_ok=True)
-    probe = os.path.join(run.workdir, f'.write_test.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f'workdir {run.workdir} is not writable: {e}') from e
-  if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-      f.write(run.config.to_json(indent=2))
-    run.tokenizer.save(os.path.join(run.workdir, 'tokenizer.json'))
+    run.tokenizer.encode(run.config.sample.prompt)
+  except ConfigError as e:
+    raise ConfigError(f'sample.prompt={run.config.sample.prompt!r}: {e}') from e
+
+
+def _restore(ckpt, abstract, config, workdir: str, move_aside: bool):
+  """ckpt.restore_latest; a mismatch names the fields this config changed from the run's."""
+  try:
+    return ckpt.restore_latest(abstract, move_aside=move_aside)
+  except checkpoint.Mismatch as e:
+    changed = [f'{k} ({old!r} -> {new!r})' for k, old, new in workdir_lib.changes(config, workdir)]
+    if not changed:
+      raise
+    raise checkpoint.Mismatch(
+      f"{e}. This config differs from the run's config.json in: {', '.join(changed)}"
+    ) from e
+
+
+def _finite_eval(metrics: dict, step: int, policy: str, last_checkpoint: int | None) -> dict:
+  """An evaluation's metrics; a non-finite loss stops the run before anything is written,
+  unless nan_policy='skip' (the run goes on, and its evaluations say what they measure)."""
+  if math.isfinite(metrics['eval/loss']):
+    return metrics
+  message = f'non-finite evaluation loss ({metrics["eval/loss"]}) at step {step}'
+  if policy == 'skip':
+    logging.warning('%s (nan_policy=skip: the run goes on)', message)
+    return metrics
+  raise RunError(f'{message}; {_last_checkpoint(last_checkpoint)}')
+
+
+def _last_checkpoint(step: int | None) -> str:
+  if step is None:
+    return 'no checkpoint was written before it'
+  return f'the last checkpoint, step {step}, predates it'
 
 
 def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | None) -> list[dict]:
@@ -556,8 +498,8 @@ def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | Non
     raise RunError(
       f'non-finite training loss ({losses[bad[0]]}) or gradient norm ({grads[bad[0]]}) at step '
       f'{at}, on training batch {at - 1} (counting from 0; a rerun of this config reads the '
-      f'same batch); the last checkpoint, step {last_checkpoint}, predates it. Lower the '
-      "learning rate, or set nan_policy='skip' to drop such steps"
+      f'same batch); {_last_checkpoint(last_checkpoint)}. Lower the learning rate, or set '
+      "nan_policy='skip' to drop such steps"
     )
   return host
 
@@ -565,7 +507,7 @@ def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | Non
 class _Progress:
   """Turns the steps' metrics into train/... scalars and the progress line with its ETA."""
 
-  def __init__(self, run: Run, trainer: Trainer, num_params: int):
+  def __init__(self, run: workdir_lib.Run, trainer: Trainer, num_params: int):
     cfg = run.config
     self.run, self.trainer, self.num_params = run, trainer, num_params
     self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
@@ -619,33 +561,17 @@ class _Progress:
     self.since, self.compile_seconds = now, self.trainer.compile_seconds
     return logged
 
-  def evaluate(self, params, step: int) -> dict[str, float]:
+  def evaluate(self, params, step: int, should_stop: Callable[[], bool]) -> dict | None:
     # The train steps still in flight count as training time, not evaluation time.
     jax.block_until_ready(params)
     start = time.perf_counter()
-    metrics = self.trainer.evaluate(params)
-    logging.info('eval at step %d: %s', step, _fmt(metrics))
+    metrics = self.trainer.evaluate(params, should_stop)
+    if metrics is None:
+      logging.warning('eval at step %d: abandoned for a stop request', step)
+    else:
+      logging.info('eval at step %d: %s', step, _fmt(metrics))
     self.since += time.perf_counter() - start
     return metrics
-
-
-def _write_final(run: Run, memory: dict, progress: _Progress, step, final_eval, speed):
-  """final.json: the finished run's numbers, for studies. Written last, atomically: its
-  presence means the run is complete (sweeps skip such runs)."""
-  if jax.process_index() != 0:
-    return
-  summary = {
-    'step': step,
-    **final_eval,
-    'num_params': progress.num_params,
-    'forward_flops_per_token': progress.flops_per_token / 3,
-    **memory,
-    'sample/tokens_per_sec': speed,
-  }
-  path = os.path.join(run.workdir, 'final.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(summary, f, indent=2)
-  os.replace(path + '.tmp', path)
 
 
 def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -654,7 +580,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   Nothing is trained or written: a configuration that does not fit is caught here, before
   a cluster job spends its allocation finding out.
   """
-  run = setup(config, workdir)
+  run = workdir_lib.setup(config, workdir)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
   memory = trainer.memory(abstract)
@@ -685,40 +611,40 @@ def memory_per_device(compiled) -> dict[str, float]:
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the latest checkpoint of workdir on config's eval splits, through the run's
-  tokenizer. config.data may name other data than the run trained on (domain transfer);
+  """Evaluates the latest readable checkpoint of workdir on config's eval splits, through the
+  run's tokenizer. config.data may name other data than the run trained on (domain transfer);
   config.model must be the run's."""
-  check(
-    os.path.isdir(os.path.join(workdir, 'checkpoints')), f'workdir {workdir} has no checkpoints'
-  )
-  run = setup(config, workdir, defining=('model',))
+  run = workdir_lib.setup(config, workdir, defining=('model',))
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  check(latest is not None, f'workdir {workdir} has no checkpoint to evaluate')
-  state, _, _ = ckpt.restore(latest, abstract)
-  ckpt.close()
-  return {'step': float(latest), **Trainer(run, shardings).evaluate(state.params)}
+  step, state = _read_latest(workdir, abstract, config)
+  return {'step': float(step), **Trainer(run, shardings).evaluate(state.params)}
 
 
 def load_workdir(workdir: str):
-  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest checkpoint."""
-  config_path = os.path.join(workdir, 'config.json')
-  check(os.path.exists(config_path), f'{workdir} is not a run directory: it has no config.json')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
+  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest readable
+  checkpoint."""
+  config, tokenizer = workdir_lib.load_run_files(workdir)
   model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
   tx = optim.make_optimizer(config.optim, config.num_train_steps)
   # One device holds the whole model for sampling, whatever mesh the run trained on.
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   abstract, _ = abstract_state(model, tx, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  step = ckpt.latest_step()
-  check(step is not None, f'workdir {workdir} has no checkpoint yet')
-  state, _, _ = ckpt.restore(step, abstract)
-  ckpt.close()
+  step, state = _read_latest(workdir, abstract, config)
   return model, state.params, tokenizer, step
+
+
+def _read_latest(workdir: str, abstract: TrainState, config) -> tuple[int, TrainState]:
+  """The newest readable checkpoint, for a reader: damaged steps are skipped with a warning
+  and left where they are."""
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    restored = _restore(ckpt, abstract, config, workdir, move_aside=False)
+    steps = ckpt.steps()
+  if restored is None:
+    raise RunError(
+      f'workdir {workdir} has no readable checkpoint'
+      + (f' (steps {steps} are damaged)' if steps else ' yet')
+    )
+  return restored[0], restored[1]
 
 
 def _duration(seconds: float) -> str:

@@ -5,6 +5,32 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
+
+from ar_jax.errors import RunError
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl ([] when there is none).
+
+  A torn last line (a process killed mid-write) is dropped with a warning; a damaged line
+  before it is an error, naming the line.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  records = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n < len(lines):
+        raise RunError(f'{path}, line {n}, is damaged ({e}): {line[:80]!r}') from e
+      logging.warning('%s: dropped its torn last line %r (a write cut short)', path, line[:80])
+  return records
 
 
 class MetricWriter:
@@ -21,12 +47,17 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # Heavy import; only process 0 needs it.
 
     path = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(path + '.tmp', 'w') as f:
-        f.writelines(lines)
-      os.replace(path + '.tmp', path)
+    records = read_metrics(path)
+    kept = [r for r in records if r['step'] <= resume_step]
+    if len(kept) < len(records):
+      logging.info(
+        'metrics.jsonl: %d lines after step %d dropped; their steps are redone from the checkpoint',
+        len(records) - len(kept),
+        resume_step,
+      )
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(path + '.tmp', path)
     self._jsonl = open(path, 'a')  # noqa: SIM115 - closed in close()
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 

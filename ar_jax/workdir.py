@@ -1,0 +1,250 @@
+"""A workdir is one run: the checks made before anything is written into it, its history, and
+the files that say what it is (config.json, tokenizer.json) and that it finished (final.json).
+
+A run's history (metrics.jsonl, final.json, checkpoints moved aside as unreadable) is never
+silently replaced: a workdir that holds one but no checkpoint to resume from is refused,
+unless the user asks for a restart, which first moves the old history into a folder of its
+own.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ar_jax import data, models, optim, scheduled_sampling, sharding, writers
+from ar_jax.data import tokenizers
+from ar_jax.errors import ConfigError, RunError, check
+
+# Fields that define what a workdir's checkpoints are: a different value cannot resume it.
+RUN_DEFINING = ('model', 'data', 'seed', 'batch_size')
+# What a restart moves into WORKDIR/previous.TIME/: the record of the run it replaces.
+HISTORY = ('metrics.jsonl', 'final.json', 'tensorboard', 'samples.txt')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The checks on the shared fields that need nothing but the config."""
+  for name in (
+    'num_train_steps',
+    'batch_size',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'steps_per_dispatch',
+    'grad_accum_steps',
+    'keep_checkpoints',
+  ):
+    check(config[name] > 0, f'{name} must be positive, got {config[name]}')
+  check(config.data.seq_len > 0, f'data.seq_len must be positive, got {config.data.seq_len}')
+  for name in ('eval_batches', 'eval_batch_size'):  # 0 means: all of them, batch_size
+    check(config[name] >= 0, f'{name} must be >= 0 (0 = the default), got {config[name]}')
+  scheduled_sampling.validate(config.scheduled_sampling)
+  warmup = optim.warmup_steps(config.optim, config.num_train_steps)
+  if warmup != config.optim.warmup_steps:
+    logging.warning(
+      'optim.warmup_steps=%d does not end before the learning-rate decay (%d steps); warming '
+      'up over %d steps (a tenth) instead',
+      config.optim.warmup_steps,
+      config.optim.decay_steps or config.num_train_steps,
+      warmup,
+    )
+  check(
+    config.nan_policy in ('stop', 'skip'),
+    f'nan_policy={config.nan_policy!r}; allowed: stop, skip',
+  )
+  check(
+    not config.stateful or config.data.sampling == 'sequential',
+    "stateful training continues each batch row's stream: it needs data.sampling='sequential'",
+  )
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a workdir's run is made of, built and checked before anything is written."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  streams: data.TokenStreams
+  model: nn.Module  # deterministic: evaluation and sampling
+  train_model: nn.Module  # with dropout when the config has it
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+
+  @property
+  def tokenizer(self) -> tokenizers.Tokenizer:
+    return self.streams.tokenizer
+
+
+def setup(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  defining: tuple[str, ...] = RUN_DEFINING,
+) -> Run:
+  """Validates config against itself, the devices, the data and the workdir (its `defining`
+  fields must match the run's); writes nothing."""
+  validate(config)
+  check_config(config, workdir, defining)
+  tokenizer_path = os.path.join(workdir, 'tokenizer.json')
+  tokenizer = tokenizers.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
+  streams = data.load(config.data, tokenizer)
+  vocab = streams.tokenizer.vocab_size
+  eos = streams.tokenizer.eos_id
+  model = models.get_model(config.model, vocab, eos)
+  train_model = models.get_model(config.model, vocab, eos, deterministic=False)
+  check(
+    not config.stateful or not model.max_len,
+    f'stateful training carries a recurrent state; model.name={config.model.name!r} has a '
+    f'context of {model.max_len} positions instead',
+  )
+  check(
+    not model.max_len or config.data.seq_len <= model.max_len,
+    f'data.seq_len={config.data.seq_len} is longer than the {model.max_len} positions the model '
+    'supports (model.max_len)',
+  )
+  mesh = sharding.make_mesh(config.mesh)
+  dp = sharding.data_parallel_size(mesh)
+  check(
+    config.batch_size % dp == 0,
+    f'batch_size={config.batch_size} is not divisible by the data-parallel size {dp} '
+    f'(mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]})',
+  )
+  check(
+    config.batch_size % (dp * config.grad_accum_steps) == 0,
+    f'batch_size={config.batch_size} does not split into grad_accum_steps='
+    f'{config.grad_accum_steps} microbatches over the data-parallel size {dp}',
+  )
+  tx = optim.make_optimizer(config.optim, config.num_train_steps)
+  return Run(config, workdir, streams, model, train_model, mesh, tx)
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str, defining: tuple[str, ...]):
+  """A workdir is one run: refuse a config that defines a different run, and say where."""
+  if os.path.exists(workdir):
+    check(os.path.isdir(workdir), f'workdir {workdir} exists and is not a directory')
+  diffs = [
+    f'{k}: workdir has {old!r}, config has {new!r}'
+    for k, old, new in changes(config, workdir, defining)
+  ]
+  if diffs:
+    raise ConfigError(
+      f'workdir {workdir} holds a run with a different config; use a new workdir, or match it: '
+      + '; '.join(diffs)
+    )
+
+
+def changes(config: ml_collections.ConfigDict, workdir: str, fields: tuple[str, ...] | None = None):
+  """(key, the run's value, config's value) for the fields (all when None) where the workdir's
+  config.json and `config` differ. A key the saved config lacks is a field added to the code
+  since the run began: its default does not count as a change."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  new = json.loads(config.to_json())
+  return [
+    diff
+    for field in (fields or sorted(saved))
+    for diff in _diff(field, saved.get(field), new.get(field))
+  ]
+
+
+def _diff(prefix, saved, new):
+  if isinstance(saved, dict) and isinstance(new, dict):
+    for k in sorted(set(saved) | set(new)):
+      if k in saved:
+        yield from _diff(f'{prefix}.{k}', saved[k], new.get(k))
+  elif saved != new:
+    yield prefix, saved, new
+
+
+def check_fresh_start(workdir: str, moved_aside: list[str], allow_restart: bool) -> bool:
+  """Whether a run that found no checkpoint to resume from is a restart over an earlier run's
+  history; raises RunError if it is and the user has not allowed it.
+
+  A run killed before its first checkpoint leaves metrics that no checkpoint could back yet,
+  and starts again freely; a run whose checkpoints were all lost (moved aside as unreadable,
+  or the checkpoints folder removed) or that finished (final.json) does not.
+  """
+  logged = writers.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  lost = []
+  if moved_aside:
+    lost.append(f'checkpoints moved aside as unreadable ({", ".join(moved_aside)})')
+  if logged and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    lost.append(f'metrics.jsonl up to step {logged[-1]["step"]} but no checkpoints folder')
+  if os.path.exists(os.path.join(workdir, 'final.json')):
+    lost.append('final.json of a finished run')
+  if not lost:
+    return False
+  if not allow_restart:
+    raise RunError(
+      f'workdir {workdir} holds a run with no checkpoint to resume from: '
+      + '; '.join(lost)
+      + '. Refusing to start it again from step 0 over its history. Put the checkpoints back, '
+      'use a new workdir, or pass --allow_restart to start again (the old metrics, samples and '
+      'TensorBoard events are first moved into a previous.TIME folder of the workdir)'
+    )
+  return True
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer, restart: bool) -> None:
+  """Creates the workdir and proves it writable; records the run (config, tokenizer); a
+  restart first moves the history it replaces aside. Called once every check has passed."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir} is not writable: {e}') from e
+  if jax.process_index() == 0:
+    if restart:
+      previous = os.path.join(workdir, f'previous.{time.strftime("%Y%m%d-%H%M%S")}')
+      os.makedirs(previous)
+      for name in HISTORY:
+        if os.path.exists(os.path.join(workdir, name)):
+          os.rename(os.path.join(workdir, name), os.path.join(previous, name))
+      logging.warning('restarting from step 0: the earlier history was moved to %s', previous)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+    tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
+    # The folder's presence says that checkpoints were expected here (check_fresh_start).
+    os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('ar_jax_workdir_prepared')
+
+
+def unfinished(workdir: str) -> None:
+  """Training is about to change the run: it is no longer the one final.json describes."""
+  path = os.path.join(workdir, 'final.json')
+  if jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
+
+
+def write_final(workdir: str, summary: dict[str, Any]) -> None:
+  """final.json: the finished run's numbers, for studies. Written last, atomically: its
+  presence means the run is complete (sweeps skip such runs)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'final.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(summary, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.Tokenizer]:
+  """A run directory's config and tokenizer, for readers (sampling, evaluation)."""
+  config_path = os.path.join(workdir, 'config.json')
+  check(os.path.exists(config_path), f'{workdir} is not a run directory: it has no config.json')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  return config, tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
