@@ -124,6 +124,8 @@ def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str]]) -> dict[str
   parsed = {k: v[0] for k, v in choices.items()}
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
+    if not choices:
+      raise ConfigError(f'this experiment takes no config arg, got {arg!r}')
     if not sep or key not in choices:
       raise ConfigError(
         f'config arg {item!r} is not KEY=VALUE with KEY one of: {", ".join(choices)}'

@@ -15,7 +15,17 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
   # A dead peer is noticed within this many seconds, and the others stop instead of hanging.
   timeouts = {'heartbeat_timeout_seconds': 30, 'initialization_timeout': 120}
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
+    host, _, port = coordinator_address.rpartition(':')
+    # The coordinator listens on every interface unless told otherwise: a run whose peers are
+    # all on this machine keeps it on the loopback, out of reach of the network.
+    local = host in ('127.0.0.1', 'localhost', '[::1]')
+    jax.distributed.initialize(
+      coordinator_address,
+      num_processes,
+      process_id,
+      coordinator_bind_address=f'{host}:{port}' if local else None,
+      **timeouts,
+    )
   elif _on_cluster():
     jax.distributed.initialize(**timeouts)
   else:

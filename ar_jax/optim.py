@@ -10,18 +10,22 @@ from ar_jax.errors import check
 NO_DECAY = ('bias', 'scale')
 
 
-def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
-  """0 -> learning_rate over warmup_steps, then cosine down to min_learning_rate at decay_steps."""
+def warmup_steps(optim: Any, num_train_steps: int) -> int:
+  """optim.warmup_steps, or a tenth of the decay when it would not end before the decay does
+  (a run shortened from the command line keeps a warmup in proportion)."""
   decay_steps = optim.decay_steps or num_train_steps
-  check(
-    0 <= optim.warmup_steps < decay_steps,
-    f'optim.warmup_steps={optim.warmup_steps} must be >= 0 and below the {decay_steps} decay steps',
-  )
+  return optim.warmup_steps if optim.warmup_steps < decay_steps else decay_steps // 10
+
+
+def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
+  """0 -> learning_rate over the warmup, then cosine down to min_learning_rate at decay_steps."""
+  check(optim.warmup_steps >= 0, f'optim.warmup_steps must be >= 0, got {optim.warmup_steps}')
+  check(optim.decay_steps >= 0, f'optim.decay_steps must be >= 0, got {optim.decay_steps}')
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=optim.learning_rate,
-    warmup_steps=optim.warmup_steps,
-    decay_steps=decay_steps,
+    warmup_steps=warmup_steps(optim, num_train_steps),
+    decay_steps=optim.decay_steps or num_train_steps,
     end_value=optim.min_learning_rate,
   )
 

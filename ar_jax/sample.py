@@ -19,21 +19,28 @@ import numpy as np
 from absl import app, flags
 
 from ar_jax import cli, decoding, train
+from ar_jax.data.tokenizers import decode_utf8
 from ar_jax.errors import check
 
 flags.DEFINE_string('workdir', None, 'A run directory written by ar_jax.main.')
 flags.DEFINE_string('prompt', '\n', 'Text to continue.')
 flags.DEFINE_string('prompts_file', None, 'Continue each line of this file instead of --prompt.')
-flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate after each prompt.')
+flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate after each prompt.', lower_bound=1)
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy decoding.')
-flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
+flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.', lower_bound=0)
 flags.DEFINE_float('top_p', 1.0, 'Sample among the smallest set of probability >= p; 1 = all.')
 flags.DEFINE_integer(
-  'beam_size', 1, 'Above 1: beam search of this width (the sampling flags do not apply).'
+  'beam_size',
+  1,
+  'Above 1: beam search of this width (the sampling flags do not apply).',
+  lower_bound=1,
 )
 flags.DEFINE_float('length_penalty', 0.6, "Beam search: GNMT's alpha; 0 ranks by log p alone.")
 flags.DEFINE_integer(
-  'num_samples', 1, 'Continuations per prompt: samples, or the best beams (<= --beam_size).'
+  'num_samples',
+  1,
+  'Continuations per prompt: samples, or the best beams (<= --beam_size).',
+  lower_bound=1,
 )
 flags.DEFINE_integer('seed', 0, 'Random seed for sampling.')
 flags.DEFINE_string('output', None, 'Also write the continuations to this JSONL file.')
@@ -45,8 +52,10 @@ def read_prompts(prompt: str, prompts_file: str | None) -> list[str]:
   if prompts_file is None:
     return [prompt]
   check(os.path.isfile(prompts_file), f'--prompts_file={prompts_file} is not a file')
-  with open(prompts_file, encoding='utf-8') as f:
-    prompts = f.read().splitlines()
+  with open(prompts_file, 'rb') as f:
+    prompts = decode_utf8(
+      f.read(), f'--prompts_file={prompts_file}', 'save it as UTF-8'
+    ).splitlines()
   check(bool(prompts), f'--prompts_file={prompts_file} has no lines')
   return prompts
 
@@ -113,8 +122,9 @@ def _main():
   if f.output:
     folder = os.path.dirname(os.path.abspath(f.output))
     check(os.path.isdir(folder), f'--output={f.output}: folder {folder} does not exist')
+  prompts = read_prompts(f.prompt, f.prompts_file)  # bad input fails before the model loads
   model, params, tokenizer, _ = train.load_workdir(f.workdir)
-  records = continuations(f, model, params, tokenizer, read_prompts(f.prompt, f.prompts_file))
+  records = continuations(f, model, params, tokenizer, prompts)
   for r in records:
     if len(records) > 1:
       print(f'=== prompt {r["prompt"]!r}, sample {r["sample"]}, score {r["score"]:.4f}')

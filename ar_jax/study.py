@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ar_jax import cli, config, plots
+from ar_jax import cli, config, plots, writers
 from ar_jax.errors import check
 
 # Reported in this order of preference: the unit the data is usually quoted in.
@@ -92,10 +92,7 @@ def _record(name: str, fields: dict, workdir: str) -> RunRecord:
     with open(path) as f:
       return json.load(f)
 
-  history = []
-  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      history = [json.loads(line) for line in f if line.strip()]
+  history = writers.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   return RunRecord(
     name, fields, workdir, read_json('config.json') or {}, history, read_json('final.json')
   )
@@ -219,9 +216,23 @@ def plot_final(groups: Sequence[Summary], metric: str, path: str):
   return plots.save(fig, path)
 
 
-def write_report(root: str) -> str:
-  """ROOT/study.csv, ROOT/report.md and ROOT/plots/*.png; returns the report's path."""
+def write_report(root: str, experiment_path: str | None = None) -> str:
+  """ROOT/study.csv, ROOT/report.md and ROOT/plots/*.png; returns the report's path.
+
+  The experiment file's report() runs as code: by default the file sweep.json names, which
+  must lie inside the current directory (a study root copied from elsewhere cannot make this
+  run its code); experiment_path names the file to run instead.
+  """
   config_arg = manifest(root)['config']
+  if experiment_path is None:
+    experiment_path = config_arg.partition(':')[0]
+    here = os.getcwd()
+    check(
+      os.path.commonpath([os.path.abspath(experiment_path), here]) == here,
+      f'{root}/sweep.json names the experiment {experiment_path}, outside the current '
+      f'directory {here}; the report runs its code, so name the file to run explicitly: '
+      '--experiment=PATH',
+    )
   runs = load(root)
   metric = primary_metric(runs)
   plots_dir = os.path.join(root, 'plots')
@@ -269,7 +280,7 @@ def write_report(root: str) -> str:
     '## Learning curves',
     '![against tokens](plots/curves_tokens.png)\n\n![against FLOPs](plots/curves_flops.png)',
   ]
-  experiment = config.load_experiment(config_arg.partition(':')[0])
+  experiment = config.load_experiment(experiment_path)
   if hasattr(experiment, 'report'):
     sections.append(experiment.report(runs, plots_dir))
   path = os.path.join(root, 'report.md')
@@ -280,11 +291,17 @@ def write_report(root: str) -> str:
 
 def main(argv):
   del argv
-  cli.run(lambda: print(write_report(flags.FLAGS.root)))
+  cli.run(lambda: print(write_report(flags.FLAGS.root, flags.FLAGS.experiment)))
 
 
 if __name__ == '__main__':
   # Defined here, not on import: experiment files import this module next to other CLIs' flags.
   flags.DEFINE_string('root', None, 'The --root of a sweep (launch.sweep).')
+  flags.DEFINE_string(
+    'experiment',
+    None,
+    "The experiment file whose report() adds sections (default: sweep.json's, if it lies "
+    'inside the current directory). It runs as code: name only a file you trust.',
+  )
   flags.mark_flag_as_required('root')
   app.run(main, flags_parser=cli.parse_flags)

@@ -1,7 +1,9 @@
 """Sharded training on 8 simulated CPU devices equals one device, for every family; gradient
 accumulation, remat and bfloat16; checkpoints across meshes; multi-process runs."""
 
+import ipaddress
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from ar_jax import checkpoint, models, train
+from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 from tests.helpers import REPO, read_jsonl, tiny_config
 
@@ -33,7 +36,7 @@ def family_config(text_file, family, **overrides):
 
 def one_step(cfg, workdir):
   """(state after one step, its loss) from the same initial parameters and batch."""
-  run = train.setup(cfg, str(workdir))
+  run = workdir_lib.setup(cfg, str(workdir))
   _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
   state = train.init_state(run, shardings)
   it = pipeline.train_iterator(
@@ -102,7 +105,7 @@ def test_remat_equals_no_remat(text_file, tmp_path):
   assert remat_loss == pytest.approx(loss, rel=1e-6)
   assert_close(remat.params, plain.params)
   # Remat is really on: the backward pass recomputes inside a checkpoint.
-  run = train.setup(cfg, str(tmp_path / 'jaxpr'))
+  run = workdir_lib.setup(cfg, str(tmp_path / 'jaxpr'))
   tokens = jnp.zeros((2, 8), jnp.int32)
   params = nn.unbox(run.model.init(jax.random.key(0), tokens)['params'])
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: run.model.apply({'params': p}, tokens).sum()))(params)
@@ -125,7 +128,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
   saver.close()
   for data in (2, 1):
     other = family_config(text_file, 'transformer', **{'mesh.data': data})
-    run = train.setup(other, str(tmp_path / 'run'))
+    run = workdir_lib.setup(other, str(tmp_path / 'run'))
     abstract, _ = train.abstract_state(run.model, run.tx, run.mesh, other)
     restored, data_state, _ = checkpoint.Checkpointer(str(tmp_path / 'run'), max_to_keep=1).restore(
       1, abstract
@@ -172,6 +175,17 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
   np.testing.assert_allclose(losses(tmp_path / 'dcn'), losses(tmp_path / 'one'), rtol=1e-6)
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['3', '6']
 
+  # A damaged latest step: both processes find it, process 0 alone moves it aside.
+  for path in (tmp_path / 'two' / 'checkpoints' / '6').rglob('*'):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+  out = cli(*args, '--config.num_train_steps=8', f'--workdir={tmp_path / "two"}', processes=2)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stderr.count('resumed from the checkpoint at step 3') == 2
+  assert 'FileNotFoundError' not in out.stderr
+  moved = [p for p in os.listdir(tmp_path / 'two' / 'checkpoints') if 'unreadable' in p]
+  assert [p.split('.')[0] for p in moved] == ['6']
+
 
 def test_a_dead_process_stops_the_others(text_file, tmp_path):
   command = [
@@ -203,6 +217,13 @@ def test_a_dead_process_stops_the_others(text_file, tmp_path):
   children = subprocess.run(['pgrep', '-P', str(launcher.pid)], capture_output=True, text=True)
   pids = [int(p) for p in children.stdout.split()]
   assert len(pids) == 2
+  # The coordinator (in process 0) listens on the loopback only, out of the network's reach.
+  coordinator = next(
+    p for p in pids if '--process_id=0' in pathlib.Path(f'/proc/{p}/cmdline').read_text()
+  )
+  cmdline = pathlib.Path(f'/proc/{coordinator}/cmdline').read_text()
+  port = re.search(r'--coordinator_address=127.0.0.1:(\d+)', cmdline)
+  assert listening_hosts(coordinator, int(port.group(1))) == {'127.0.0.1'}
   os.kill(pids[1], signal.SIGKILL)
   killed = time.time()
   _, stderr = launcher.communicate(timeout=60)
@@ -211,3 +232,24 @@ def test_a_dead_process_stops_the_others(text_file, tmp_path):
   assert re.search(r'process [01] exited with code -?\d+; stopping the other processes', stderr)
   for pid in pids:
     assert not os.path.exists(f'/proc/{pid}')  # reaped: no process left behind
+
+
+def listening_hosts(pid: int, port: int) -> set[str]:
+  """The addresses on which process pid listens on port (from /proc: no tool needed)."""
+  sockets = {
+    os.readlink(f'/proc/{pid}/fd/{fd}')[len('socket:[') : -1]
+    for fd in os.listdir(f'/proc/{pid}/fd')
+    if os.readlink(f'/proc/{pid}/fd/{fd}').startswith('socket:[')
+  }
+  hosts = set()
+  for table in ('tcp', 'tcp6'):
+    for line in pathlib.Path(f'/proc/{pid}/net/{table}').read_text().splitlines()[1:]:
+      local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+      address, local_port = local.split(':')
+      if state == '0A' and inode in sockets and int(local_port, 16) == port:  # 0A: LISTEN
+        raw = bytes.fromhex(address)
+        # /proc writes addresses as 32-bit words in host (little-endian) order.
+        words = b''.join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+        host = ipaddress.ip_address(words)
+        hosts.add(str(getattr(host, 'ipv4_mapped', None) or host))
+  return hosts

@@ -135,3 +135,15 @@ def test_study_of_a_root_without_a_sweep_says_so(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
     f'error: {tmp_path} holds no sweep: {tmp_path}/sweep.json is missing'
   )
+
+
+def test_a_study_root_naming_an_experiment_elsewhere_does_not_run_it(tmp_path):
+  # A copied study root whose sweep.json names code outside this project: reading its report
+  # must not execute that file unless the user names it.
+  planted = tmp_path / 'planted.py'
+  planted.write_text(f'open({str(tmp_path / "ran")!r}, "w").close()\n')
+  (tmp_path / 'sweep.json').write_text(json.dumps({'config': str(planted), 'runs': []}))
+  result = cli('ar_jax.study', f'--root={tmp_path}')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'outside the current directory' in result.stderr and '--experiment=PATH' in result.stderr
+  assert not (tmp_path / 'ran').exists()

@@ -99,13 +99,14 @@ class Tokenizer:
       json.dump(dataclasses.asdict(self), f)
 
 
-def decode_utf8(raw: bytes, where: str) -> str:
+def decode_utf8(
+  raw: bytes, where: str, fix: str = "read it with data.tokenizer='byte' or fix the file"
+) -> str:
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
     raise ConfigError(
-      f'{where} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}); '
-      "read it with data.tokenizer='byte' or fix the file"
+      f'{where} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}); {fix}'
     ) from e
 
 
