@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 
+from ar_jax import checkpoint
+from ar_jax.errors import RunError
 from tests.faults.runner import (
   corrupt,
   losses,
@@ -153,3 +155,39 @@ def test_a_damaged_metrics_line_before_the_last_is_an_error(corpus, finished, tm
   one_line_error(out)
   assert 'metrics.jsonl, line 4, is damaged' in out.stderr
   assert steps_on_disk(workdir) == [20, 40, 60]
+
+
+def test_only_errors_that_say_a_file_is_damaged_count_as_damage(tmp_path):
+  # Out of memory or permissions while reading a sound checkpoint are not the checkpoint's
+  # fault: the run stops and nothing is moved. (Real damage is covered end to end above.)
+  def chained(outer, inner):
+    try:
+      try:
+        raise inner
+      except Exception as e:
+        raise outer from e
+    except Exception as e:
+      return e
+
+  damaged = [
+    chained(Exception('error reading array index'), ValueError('DATA_LOSS: checksum')),
+    chained(
+      Exception('error reading array index'),
+      ValueError('FAILED_PRECONDITION: Error reading "x": Truncated'),
+    ),
+    json.JSONDecodeError('Expecting value', '', 0),
+    FileNotFoundError('File .../meta/metadata not found.'),
+  ]
+  other = [
+    MemoryError(),
+    chained(
+      Exception('error reading array index'), ValueError('RESOURCE_EXHAUSTED: out of memory')
+    ),
+    PermissionError(13, 'Permission denied'),
+    TypeError('a bug'),
+  ]
+  for e in damaged:
+    assert isinstance(checkpoint._classified(20, e, str(tmp_path)), checkpoint.Damaged), e
+  for e in other:
+    classified = checkpoint._classified(20, e, str(tmp_path))
+    assert isinstance(classified, RunError) and 'nothing was moved' in str(classified), e
