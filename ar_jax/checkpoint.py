@@ -132,18 +132,28 @@ class Checkpointer:
       gc.collect()  # orbax's abandoned coroutines are finalised while the filter is in place
       sys.unraisablehook = self._previous_hook
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+  def restore(
+    self, step: int, abstract_state: Any, params_only: bool = False
+  ) -> tuple[Any, dict, dict]:
     """(state, data_state, meta) at `step`, placed as abstract_state's shardings say.
 
-    Raises Damaged, or RunError for a mismatched or unexplained failure.
+    With params_only, abstract_state is the parameters' tree alone, and so is what comes back
+    (data_state and meta empty): a reader needs neither the optimizer's moments (twice the
+    parameters' memory) nor the data iterator. Raises Damaged, or RunError for a mismatched
+    or unexplained failure.
     """
+    wanted = {'params': abstract_state} if params_only else abstract_state
     with _without_orbax_logs():  # a failure is classified and reported here, once
       try:
         saved = self._manager.item_metadata(step)['state']
+        saved = getattr(saved, 'tree', saved)
+        saved = {'params': saved['params']} if params_only else saved
       except Exception as e:
         raise _classified(step, e, self.directory) from e
-      _check_matches(step, getattr(saved, 'tree', saved), abstract_state, self.directory)
+      _check_matches(step, saved, wanted, self.directory)
       try:
+        if params_only:
+          return self._read_params(step, wanted)['params'], {}, {}
         restored = self._manager.restore(
           step,
           args=ocp.args.Composite(
@@ -156,8 +166,22 @@ class Checkpointer:
         raise _classified(step, e, self.directory) from e
     return restored.state, restored.data, restored.meta
 
+  def _read_params(self, step: int, wanted: dict) -> dict:
+    reader = ocp.PyTreeCheckpointer()
+    try:
+      return reader.restore(
+        os.path.join(self._step_dir(step), 'state'),
+        args=ocp.args.PyTreeRestore(
+          item=wanted,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+          partial_restore=True,
+        ),
+      )
+    finally:
+      reader.close()
+
   def restore_latest(
-    self, abstract_state: Any, *, move_aside: bool
+    self, abstract_state: Any, *, move_aside: bool, params_only: bool = False
   ) -> tuple[int, Any, dict, dict] | None:
     """The newest readable checkpoint as (step, state, data_state, meta); None if there is none.
 
@@ -167,7 +191,8 @@ class Checkpointer:
     """
     for step in reversed(self.steps()):
       try:
-        return (step, *_agreed(lambda: self.restore(step, abstract_state), step))  # noqa: B023
+        restore = lambda: self.restore(step, abstract_state, params_only)  # noqa: B023
+        return (step, *_agreed(restore, step))
       except Damaged as e:
         where = os.path.join(self.directory, str(step))
         if move_aside:

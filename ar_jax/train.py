@@ -365,7 +365,7 @@ def train_and_evaluate(
   _check_prompt(run)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   with checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints) as ckpt:
-    restored = _restore(ckpt, abstract, config, workdir, move_aside=True)
+    restored = _restore(ckpt, abstract, config, workdir, reader=False)
     restart = restored is None and workdir_lib.check_fresh_start(
       workdir, ckpt.moved_aside(), allow_restart
     )
@@ -457,10 +457,12 @@ def _check_prompt(run: workdir_lib.Run) -> None:
     raise ConfigError(f'sample.prompt={run.config.sample.prompt!r}: {e}') from e
 
 
-def _restore(ckpt, abstract, config, workdir: str, move_aside: bool):
-  """ckpt.restore_latest; a mismatch names the fields this config changed from the run's."""
+def _restore(ckpt, abstract, config, workdir: str, reader: bool):
+  """ckpt.restore_latest: of the whole state by a trainer, which moves damaged steps aside;
+  of the parameters alone by a reader, which moves nothing. A mismatch names the fields this
+  config changed from the run's."""
   try:
-    return ckpt.restore_latest(abstract, move_aside=move_aside)
+    return ckpt.restore_latest(abstract, move_aside=not reader, params_only=reader)
   except checkpoint.Mismatch as e:
     changed = [f'{k} ({old!r} -> {new!r})' for k, old, new in workdir_lib.changes(config, workdir)]
     if not changed:
@@ -580,7 +582,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   Nothing is trained or written: a configuration that does not fit is caught here, before
   a cluster job spends its allocation finding out.
   """
-  run = workdir_lib.setup(config, workdir)
+  run = workdir_lib.setup(config, workdir, train=False, evaluation=False)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
   memory = trainer.memory(abstract)
@@ -614,30 +616,30 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """Evaluates the latest readable checkpoint of workdir on config's eval splits, through the
   run's tokenizer. config.data may name other data than the run trained on (domain transfer);
   config.model must be the run's."""
-  run = workdir_lib.setup(config, workdir, defining=('model',))
+  run = workdir_lib.setup(config, workdir, defining=('model',), train=False)
   abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
-  step, state = _read_latest(workdir, abstract, config)
-  return {'step': float(step), **Trainer(run, shardings).evaluate(state.params)}
+  step, params = _read_latest(workdir, abstract.params, config)
+  return {'step': float(step), **Trainer(run, shardings).evaluate(params)}
 
 
 def load_workdir(workdir: str):
   """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest readable
-  checkpoint."""
+  checkpoint: the parameters alone, split over every local device by the run's rules (fsdp
+  over all of them), whatever mesh the run trained on, so that no device holds them whole."""
   config, tokenizer = workdir_lib.load_run_files(workdir)
   model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
   tx = optim.make_optimizer(config.optim, config.num_train_steps)
-  # One device holds the whole model for sampling, whatever mesh the run trained on.
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
   abstract, _ = abstract_state(model, tx, mesh, config)
-  step, state = _read_latest(workdir, abstract, config)
-  return model, state.params, tokenizer, step
+  step, params = _read_latest(workdir, abstract.params, config)
+  return model, params, tokenizer, step
 
 
-def _read_latest(workdir: str, abstract: TrainState, config) -> tuple[int, TrainState]:
-  """The newest readable checkpoint, for a reader: damaged steps are skipped with a warning
-  and left where they are."""
+def _read_latest(workdir: str, abstract_params: Any, config) -> tuple[int, Any]:
+  """(step, parameters) of the newest readable checkpoint, for a reader: damaged steps are
+  skipped with a warning and left where they are."""
   with checkpoint.Checkpointer(workdir) as ckpt:
-    restored = _restore(ckpt, abstract, config, workdir, move_aside=False)
+    restored = _restore(ckpt, abstract_params, config, workdir, reader=True)
     steps = ckpt.steps()
   if restored is None:
     raise RunError(

@@ -87,14 +87,18 @@ def setup(
   config: ml_collections.ConfigDict,
   workdir: str,
   defining: tuple[str, ...] = RUN_DEFINING,
+  *,
+  train: bool = True,
+  evaluation: bool = True,
 ) -> Run:
   """Validates config against itself, the devices, the data and the workdir (its `defining`
-  fields must match the run's); writes nothing."""
+  fields must match the run's); writes nothing. The training and eval splits are read and
+  tokenized only when asked for (compiling needs neither, evaluating no training split)."""
   validate(config)
   check_config(config, workdir, defining)
   tokenizer_path = os.path.join(workdir, 'tokenizer.json')
   tokenizer = tokenizers.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
-  streams = data.load(config.data, tokenizer)
+  streams = data.load(config.data, tokenizer, train=train, evaluation=evaluation)
   vocab = streams.tokenizer.vocab_size
   eos = streams.tokenizer.eos_id
   model = models.get_model(config.model, vocab, eos)

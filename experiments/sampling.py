@@ -115,7 +115,7 @@ def report(runs, plots_dir):
   sections = []
   for run in (r for r in runs if r.final):
     model, params, tokenizer, _ = train.load_workdir(run.workdir)
-    streams = data.load(ml_collections.ConfigDict(run.config['data']), tokenizer)
+    streams = data.load(ml_collections.ConfigDict(run.config['data']), tokenizer, train=False)
     held_out = tokenizer.decode(next(iter(streams.eval.values())))
     prompts = prompts_from(held_out, PROMPTS, PROMPT_CHARS)
     rows = measure(model, params, tokenizer, prompts, NEW_TOKENS)

@@ -253,3 +253,28 @@ def listening_hosts(pid: int, port: int) -> set[str]:
         host = ipaddress.ip_address(words)
         hosts.add(str(getattr(host, 'ipv4_mapped', None) or host))
   return hosts
+
+
+def test_a_model_trained_with_fsdp_samples_the_same_on_one_device_and_on_eight(text_file, tmp_path):
+  cfg = tiny_config(text_file, **{'mesh.data': 1, 'mesh.fsdp': 8})
+  train.train_and_evaluate(cfg, str(tmp_path))
+  # Readers restore the parameters alone, split over every device present, not replicated.
+  _, params, _, step = train.load_workdir(str(tmp_path))
+  embedding = params['embed']['embedding']
+  assert step == 6 and len(embedding.sharding.device_set) == 8
+  assert not embedding.sharding.is_fully_replicated
+  greedy = {}
+  for devices in (1, 8):
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    out = subprocess.run(
+      [sys.executable, '-m', 'ar_jax.sample', f'--workdir={tmp_path}', '--prompt=the ']
+      + ['--temperature=0', '--max_new_tokens=12'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    greedy[devices] = out.stdout
+  assert greedy[1] == greedy[8] and greedy[1].startswith('the ')

@@ -100,7 +100,9 @@ def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path)
 def test_a_run_is_evaluated_on_other_data_through_its_own_tokenizer(text_file, tmp_path):
   """Domain transfer: the workdir's model and tokenizer, another corpus's held-out text."""
   other = tmp_path / 'other.txt'
-  other.write_text('a lazy dog and the fox\n' * 300)  # characters the run's tokenizer knows
+  # Its held-out end has only characters the run's tokenizer knows; its training part does
+  # not, and is neither needed nor tokenized to evaluate.
+  other.write_text('Zebra! Quokka? ' * 40 + 'a lazy dog and the fox\n' * 300)
   workdir = str(tmp_path / 'run')
   cfg = tiny_config(text_file, num_train_steps=20, eval_batches=0)
   trained = train.train_and_evaluate(cfg, workdir)

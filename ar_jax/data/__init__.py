@@ -16,26 +16,31 @@ from ar_jax.data.tokenizers import Tokenizer
 @dataclasses.dataclass(frozen=True)
 class TokenStreams:
   tokenizer: Tokenizer
-  train: np.ndarray
+  train: np.ndarray | None  # None when not asked for
   eval: dict[str, np.ndarray]  # split name -> tokens; evaluation pools all splits
 
 
-def load(data: Any, tokenizer: Tokenizer | None = None) -> TokenStreams:
-  """Reads config.data's splits and tokenizes them; builds the tokenizer unless given one."""
+def load(
+  data: Any, tokenizer: Tokenizer | None = None, *, train: bool = True, evaluation: bool = True
+) -> TokenStreams:
+  """Reads config.data's splits and tokenizes the ones asked for; builds the tokenizer unless
+  given one (a character vocabulary reads the training split for it, tokenized or not)."""
   if data.tokenizer in tokenizers.VALUE_KINDS:
     module = images if data.tokenizer == 'pixel' else audio
     tokenizer, streams = module.load(data, tokenizer)
     return TokenStreams(
       tokenizer=tokenizer,
-      train=streams[data.train_split],
-      eval={split: streams[split] for split in data.eval_splits},
+      train=streams[data.train_split] if train else None,
+      eval={split: streams[split] for split in data.eval_splits} if evaluation else {},
     )
-  docs = sources.load_splits(data, [data.train_split, *data.eval_splits])
+  build = tokenizer is None and data.tokenizer != 'byte'
+  wanted = [data.train_split] * (train or build) + list(data.eval_splits) * evaluation
+  docs = sources.load_splits(data, list(dict.fromkeys(wanted))) if wanted else {}
   if tokenizer is None:
-    tokenizer = tokenizers.build(data.tokenizer, docs[data.train_split])
+    tokenizer = tokenizers.build(data.tokenizer, docs.get(data.train_split, []))
   encode = lambda split: tokenizer.encode_documents(docs[split], f'{data.name}:{split}')
   return TokenStreams(
     tokenizer=tokenizer,
-    train=encode(data.train_split),
-    eval={split: encode(split) for split in data.eval_splits},
+    train=encode(data.train_split) if train else None,
+    eval={split: encode(split) for split in data.eval_splits} if evaluation else {},
   )
