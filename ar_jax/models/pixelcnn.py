@@ -7,9 +7,10 @@ sub-pixel t + 1, come out at that sub-pixel's place in the image, and masks keep
 seeing it or anything after it. Each sub-pixel gets a softmax over its `levels` values
 (256 for 8-bit images, 2 for binarized ones: a Bernoulli); the BOS logit is -inf.
 
-Masks (seed 003): type A (first layer) hides the current pixel, type B (later layers) shows
-it. With C > 1 channels the features are split into C groups, group c predicting channel c,
-and the current pixel's tap connects group c to input groups < c (A) or <= c (B).
+Masks (van den Oord et al. 2016, "Pixel Recurrent Neural Networks"): type A (first layer)
+hides the current pixel, type B (later layers) shows it. With C > 1 channels the features
+are split into C groups, group c predicting channel c, and the current pixel's tap connects
+group c to input groups < c (A) or <= c (B).
 
 The plain PixelCNN stacks k x k masked convolutions, whose receptive field has a blind spot
 above and to the right. The gated PixelCNN (van den Oord et al. 2016, "Conditional Image
@@ -92,7 +93,7 @@ def mask(
   mask_type: str,
   centre: tuple[int, int] | None = None,
 ) -> np.ndarray:
-  """The seed's mask, [kh, kw, I, O]: rows below the centre and the centre row after the
+  """The mask, [kh, kw, I, O]: rows below the centre and the centre row after the
   centre are zero; the centre tap itself is zero (A) or one (B) for a single channel, and
   with channel groups connects output group g to input groups < g (A) or <= g (B)."""
   check(mask_type in ('A', 'B'), f"mask type must be 'A' or 'B', got {mask_type!r}")

@@ -1,19 +1,21 @@
 """Recurrent language models: Elman RNN, LSTM and GRU on jax.lax.scan.
 
-The seeds' recurrence (000-003): h_t = f(W_x x_t + W_h h_{t-1} + b_h), and
-p(x_{t+1} | x_<=t) = softmax(W_y h_t + b_y). Every cell here is one matmul per step,
-h_{t-1} @ W_h, followed by elementwise gates; the input projection x @ W_x of all steps is
-one matmul before the loop. Backpropagation through time is written by hand (seed 002's
-boxed recursion, generalised to gated cells): the forward loop saves each step's activated
-gates, the backward loop carries the error on the state and does one matmul per step, and
-the kernels' gradients (dW_h = sum_t h_{t-1}^T dz_t) are one large matmul each after it,
-instead of an accumulation inside the loop.
+The Elman recurrence (Elman 1990): h_t = f(W_x x_t + W_h h_{t-1} + b_h), and p(x_{t+1} |
+x_<=t) = softmax(W_y h_t + b_y). Every cell here is one matmul per step, h_{t-1} @ W_h,
+followed by elementwise gates; the input projection x @ W_x of all steps is one matmul
+before the loop. Backpropagation through time (Werbos 1990) is written by hand, as the
+recursion r_t = f'(a_t) * (W_y^T e_t + W_h^T r_{t+1}) on the pre-activation error (e_t the
+error on step t's logits), generalised to gated cells: the forward loop saves each step's
+activated gates, the backward loop carries the error on the state and does one matmul per
+step, and the kernels' gradients (dW_h = sum_t h_{t-1}^T dz_t) are one large matmul each
+after it, instead of an accumulation inside the loop.
 
 The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis,
 so their inputs and stacked outputs need no transposes; only the embeddings going in and
 the logits coming out are swapped.
 
-Kernels are stored [in, out] (x @ W), so the seeds' W_x is the transpose of input_kernel.
+Kernels are stored [in, out] (x @ W), so the W_x of the equations above is the transpose of
+input_kernel.
 
 Dimension legend: B batch, T time, E embedding width, D a layer's input width, S state
 width, G gates * S, R the width of a step's saved gates, V vocab.
@@ -42,7 +44,7 @@ class Config:
   num_layers: int = 2
   d_embed: int = 128  # token embedding width (the first layer's input)
   d_hidden: int = 512  # state width S of every layer
-  activation: str = 'tanh'  # Elman only: 'tanh' (the seeds) or 'relu'
+  activation: str = 'tanh'  # Elman only: 'tanh' (Elman 1990) or 'relu'
   forget_bias: float = 1.0  # LSTM only: initial forget-gate bias (Jozefowicz et al. 2015)
   residual: bool = False  # x + rnn(x) between layers of equal width
   layer_norm: bool = False  # LayerNorm on each layer's input and before the output
@@ -70,8 +72,8 @@ class Cell(NamedTuple):
   loop evaluates no nonlinearity.
   backward(saved_BR, carry, dcarry) -> (dxz_BG, dhz_BG, dcarry_prev): given the step's
   input carry and dcarry, the error on its new carry, the errors on the pre-activations
-  (seed 002's r_t = f'(a_t) * s_t) and on the input carry, leaving out the path through
-  W_h, which the BPTT loop adds.
+  (r_t = f'(a_t) * s_t, s_t the error on the state) and on the input carry, leaving out the
+  path through W_h, which the BPTT loop adds.
   """
 
   gates: int
@@ -99,8 +101,9 @@ def _elman(activation):
 
 
 def _lstm_forward(xz, hz, carry):
-  """Seed 003's gates: i, f, o = sigmoid(.), candidate = tanh(.), c = f c + i candidate,
-  h = o tanh(c); '.' = W [h_{t-1}, x_t] + b, split here into hz + xz."""
+  """LSTM gates (Hochreiter & Schmidhuber 1997; Gers et al. 2000): i, f, o = sigmoid(.),
+  candidate = tanh(.), c = f c + i candidate, h = o tanh(c); '.' = W [h_{t-1}, x_t] + b,
+  split here into hz + xz."""
   a_i, a_f, a_g, a_o = jnp.split(xz + hz, 4, axis=-1)
   i, f, g, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g), jax.nn.sigmoid(a_o)
   c = f * carry[1] + i * g
@@ -223,8 +226,8 @@ def _recurrence_fwd(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, ke
 
 
 def _recurrence_bwd(cell, unroll, dtype, residuals, cotangents):
-  """BPTT (seed 002): the error on the state at t is the local error from the output plus
-  the error carried back from t + 1 through the cell; r_t = dz_t drives every gradient.
+  """Backpropagation through time: the error on the state at t is the local error from the
+  output plus the error carried back from t + 1 through the cell; r_t = dz_t drives every gradient.
 
   The loop carries the error on the state and does one matmul per step; the gradients of
   the inputs and of the kernels are one large matmul each after it, and stay float32.

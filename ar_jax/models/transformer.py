@@ -32,7 +32,7 @@ class Config:
   d_model: int = 128  # residual stream width
   d_ff: int = 0  # MLP width; 0 = 4 * d_model
   max_len: int = 256  # positions the model supports: training windows and prompt + sample
-  pos_encoding: str = 'learned'  # 'learned', 'sinusoidal' (the seed's PE) or 'rotary'
+  pos_encoding: str = 'learned'  # 'learned', 'sinusoidal' (Vaswani et al. 2017) or 'rotary'
   dropout: float = 0.0  # on embeddings, attention weights and residual branches
   tie_embeddings: bool = False  # output projection = input embedding, transposed
   use_bias: bool = True  # biases in dense layers and LayerNorms
