@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ar_jax import cli, decoding, train
+from ar_jax import cli, decoding, workdir
 from ar_jax.data.tokenizers import decode_utf8
 from ar_jax.errors import check
 
@@ -123,7 +123,7 @@ def _main():
     folder = os.path.dirname(os.path.abspath(f.output))
     check(os.path.isdir(folder), f'--output={f.output}: folder {folder} does not exist')
   prompts = read_prompts(f.prompt, f.prompts_file)  # bad input fails before the model loads
-  model, params, tokenizer, _ = train.load_workdir(f.workdir)
+  model, params, tokenizer, _ = workdir.load(f.workdir)
   records = continuations(f, model, params, tokenizer, prompts)
   for r in records:
     if len(records) > 1:

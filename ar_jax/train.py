@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,28 +19,17 @@ import optax
 from ar_jax import (
   checkpoint,
   decoding,
-  flops,
   metrics,
-  models,
-  optim,
   preemption,
+  progress,
   scheduled_sampling,
   sharding,
   writers,
 )
+from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError, RunError, check
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  # Stateful (truncated-BPTT) training: the model's cache after the last batch, the initial
-  # state of the next one. None otherwise.
-  carry: Any = None
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
@@ -56,7 +43,7 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
 
 
 def train_step(
-  state: TrainState,
+  state: state_lib.TrainState,
   batch_BT: jax.Array,
   *,
   model,
@@ -132,7 +119,7 @@ def train_step(
     carry = jax.tree.map(lambda c: merge(c) if c.ndim > 1 else c[0], carries)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(
+  new_state = state_lib.TrainState(
     state.step + 1, optax.apply_updates(state.params, updates), opt_state, carry
   )
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -142,7 +129,7 @@ def train_step(
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~finite}
 
 
-def train_steps(state: TrainState, batches_KBT: jax.Array, **step_kwargs):
+def train_steps(state: state_lib.TrainState, batches_KBT: jax.Array, **step_kwargs):
   """K train steps in one dispatch: per-call overhead is paid once, not K times."""
   return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches_KBT)
 
@@ -155,50 +142,17 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model):
   return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
 
 
-def _init_fn(model, tx, config: ml_collections.ConfigDict, unbox: bool):
-  dummy = jnp.zeros((1, min(config.data.seq_len, 8)), jnp.int32)
-
-  def init(rng):
-    params = model.init(rng, dummy)['params']
-    params = nn.unbox(params) if unbox else params
-    carry = model.init_cache(config.batch_size, config.data.seq_len) if config.stateful else None
-    return TrainState(jnp.array(0, jnp.int32), params, tx.init(params), carry)
-
-  return init
-
-
-def abstract_state(
-  model: nn.Module, tx, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
-) -> tuple[TrainState, TrainState]:
-  """(shape-only state carrying its shardings, the shardings), materialising nothing."""
-  boxed = jax.eval_shape(_init_fn(model, tx, config, unbox=False), jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
-  if config.stateful:  # the carry's rows follow the batch's
-    by_batch = sharding.batch_sharding(mesh, leading_dims=model.cache_batch_axis)
-    shardings = shardings.replace(
-      carry=jax.tree.map(lambda x: by_batch if x.ndim else sharding.replicated(mesh), boxed.carry)
-    )
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
-  )
-  return abstract, shardings
-
-
-def init_state(run: workdir_lib.Run, shardings: TrainState) -> TrainState:
+def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_lib.TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
-  init = _init_fn(run.model, run.tx, run.config, unbox=True)
+  init = state_lib.init_fn(run.model, run.tx, run.config, unbox=True)
   with sharding.context(run.mesh, run.config.sharding_rules):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.seed))
-
-
-def count_params(params: Any) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 class Trainer:
   """The compiled steps of one run, and evaluation over its eval splits."""
 
-  def __init__(self, run: workdir_lib.Run, shardings: TrainState):
+  def __init__(self, run: workdir_lib.Run, shardings: state_lib.TrainState):
     self.run = run
     self.batch_sharding = sharding.batch_sharding(run.mesh)
     self.stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
@@ -224,21 +178,22 @@ class Trainer:
       out_shardings=sharding.replicated(run.mesh),
     )
     self._token_bytes = jnp.asarray(run.tokenizer.token_bytes)
-    self.compile_seconds = 0.0
+    self.stopwatch = progress.Stopwatch()  # compiles are not training time
     self._compiled: dict[int, Any] = {}
 
-  def train(self, state: TrainState, local_batches_KBT: np.ndarray):
+  def train(self, state: state_lib.TrainState, local_batches_KBT: np.ndarray):
     batches = sharding.global_batch(local_batches_KBT, self.stacked_sharding)
     return self.compile(state, batches)(state, batches)
 
-  def compile(self, state: TrainState, batches_KBT: Any):
+  def compile(self, state: state_lib.TrainState, batches_KBT: Any):
     """The train dispatch for these (concrete or abstract) operands, compiled once per K."""
     k = batches_KBT.shape[0]
     if k not in self._compiled:
-      start = time.perf_counter()
-      with sharding.context(self.run.mesh, self.run.config.sharding_rules):
+      with (
+        self.stopwatch.excluded(),
+        sharding.context(self.run.mesh, self.run.config.sharding_rules),
+      ):
         self._compiled[k] = self.jitted_train.lower(state, batches_KBT).compile()
-      self.compile_seconds += time.perf_counter() - start
     return self._compiled[k]
 
   def abstract_batches(self, k: int) -> jax.ShapeDtypeStruct:
@@ -246,11 +201,11 @@ class Trainer:
     shape = (k, cfg.batch_size, cfg.data.seq_len + 1)
     return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.stacked_sharding)
 
-  def memory(self, state: TrainState) -> dict[str, float]:
+  def memory(self, state: state_lib.TrainState) -> dict[str, float]:
     """Memory per device of the largest train dispatch compiled (steps_per_dispatch steps when
     none was: a run resumed at its end)."""
     k = max(self._compiled, default=self.run.config.steps_per_dispatch)
-    return memory_per_device(self.compile(state, self.abstract_batches(k)))
+    return progress.memory_per_device(self.compile(state, self.abstract_batches(k)))
 
   def evaluate(self, params, should_stop: Callable[[], bool] = lambda: False) -> dict | None:
     """The eval splits' metrics; None when should_stop() turns true first (it is asked
@@ -363,9 +318,9 @@ def train_and_evaluate(
     process_count=jax.process_count(),
   )
   _check_prompt(run)
-  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
+  abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
   with checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints) as ckpt:
-    restored = _restore(ckpt, abstract, config, workdir, reader=False)
+    restored = workdir_lib.restore(ckpt, abstract, config, workdir, reader=False)
     restart = restored is None and workdir_lib.check_fresh_start(
       workdir, ckpt.moved_aside(), allow_restart
     )
@@ -384,7 +339,7 @@ def train_and_evaluate(
     meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
     trainer = Trainer(run, shardings)
     writer = writers.MetricWriter(workdir, resume_step=step)
-    progress = _Progress(run, trainer, count_params(state.params))
+    meter = progress.Progress(run, trainer, state_lib.count_params(state.params))
 
     final_eval, pending, stopped = {}, [], False
     try:
@@ -392,7 +347,7 @@ def train_and_evaluate(
 
         def evaluate():  # True when it finished, False when a stop request cut it short
           nonlocal final_eval
-          result = progress.evaluate(state.params, step, stop.requested)
+          result = meter.evaluate(state.params, step, stop.requested)
           if result is not None:
             final_eval = _finite_eval(result, step, config.nan_policy, ckpt.latest_step())
             writer.write(step, final_eval)
@@ -412,7 +367,7 @@ def train_and_evaluate(
             # Nothing reaches a checkpoint or the log before it is known to be finite.
             host = _finite(jax.device_get(pending), step, config.nan_policy, ckpt.latest_step())
           if at(config.log_every_steps):
-            writer.write(step, progress.log(step, host))
+            writer.write(step, meter.log(step, host))
             pending = []
           eval_pending = at(config.eval_every_steps) and (stopped or not evaluate())
           stopped = stopped or eval_pending
@@ -440,8 +395,8 @@ def train_and_evaluate(
     summary = {
       'step': step,
       **final_eval,
-      'num_params': progress.num_params,
-      'forward_flops_per_token': progress.flops_per_token / 3,
+      'num_params': meter.num_params,
+      'forward_flops_per_token': meter.flops_per_token / 3,
       **trainer.memory(state),
       'sample/tokens_per_sec': sample_speed,
     }
@@ -455,21 +410,6 @@ def _check_prompt(run: workdir_lib.Run) -> None:
     run.tokenizer.encode(run.config.sample.prompt)
   except ConfigError as e:
     raise ConfigError(f'sample.prompt={run.config.sample.prompt!r}: {e}') from e
-
-
-def _restore(ckpt, abstract, config, workdir: str, reader: bool):
-  """ckpt.restore_latest: of the whole state by a trainer, which moves damaged steps aside;
-  of the parameters alone by a reader, which moves nothing. A mismatch names the fields this
-  config changed from the run's."""
-  try:
-    return ckpt.restore_latest(abstract, move_aside=not reader, params_only=reader)
-  except checkpoint.Mismatch as e:
-    changed = [f'{k} ({old!r} -> {new!r})' for k, old, new in workdir_lib.changes(config, workdir)]
-    if not changed:
-      raise
-    raise checkpoint.Mismatch(
-      f"{e}. This config differs from the run's config.json in: {', '.join(changed)}"
-    ) from e
 
 
 def _finite_eval(metrics: dict, step: int, policy: str, last_checkpoint: int | None) -> dict:
@@ -506,76 +446,6 @@ def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | Non
   return host
 
 
-class _Progress:
-  """Turns the steps' metrics into train/... scalars and the progress line with its ETA."""
-
-  def __init__(self, run: workdir_lib.Run, trainer: Trainer, num_params: int):
-    cfg = run.config
-    self.run, self.trainer, self.num_params = run, trainer, num_params
-    self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
-    self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
-    self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
-    self.peak, peak_source = flops.peak_flops(jax.devices()[0])
-    logging.info(
-      '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
-      cfg.model.name,
-      num_params / 1e6,
-      self.flops_per_token / 1e6,
-      self.peak / 1e12,
-      peak_source,
-    )
-    self.since = time.perf_counter()
-    self.compile_seconds = trainer.compile_seconds
-
-  def log(self, step: int, host: list[dict]) -> dict[str, float]:
-    cfg = self.run.config
-    losses = np.concatenate([m['loss'] for m in host])
-    skipped = np.concatenate([m['skipped'] for m in host])
-    now = time.perf_counter()
-    # Training time only: compiles (and evaluations, see evaluate) are not throughput.
-    seconds = now - self.since - (self.trainer.compile_seconds - self.compile_seconds)
-    steps = len(losses)
-    tokens_per_sec = steps * self.tokens_per_step / seconds
-    per_device = tokens_per_sec / self.run.mesh.size
-    logged = {
-      'train/loss': float(losses[~skipped].mean()) if (~skipped).any() else math.nan,
-      'train/grad_norm': float(np.concatenate([m['grad_norm'] for m in host])[~skipped].mean())
-      if (~skipped).any()
-      else math.nan,
-      'train/learning_rate': float(self.lr(step - 1)),
-      'train/tokens_per_sec': tokens_per_sec,
-      'train/tokens_per_sec_per_device': per_device,
-      'train/step_time_ms': 1000 * seconds / steps,
-      'train/mfu': per_device * self.flops_per_token / self.peak,
-      'train/tokens_seen': step * self.tokens_per_step,
-      'train/skipped_steps': float(skipped.sum()),
-    }
-    eta = (cfg.num_train_steps - step) * seconds / steps
-    logging.info(
-      'step %d/%d | loss %.4f | %.0f tok/s | mfu %.1f%% | eta %s',
-      step,
-      cfg.num_train_steps,
-      logged['train/loss'],
-      tokens_per_sec,
-      100 * logged['train/mfu'],
-      _duration(eta),
-    )
-    self.since, self.compile_seconds = now, self.trainer.compile_seconds
-    return logged
-
-  def evaluate(self, params, step: int, should_stop: Callable[[], bool]) -> dict | None:
-    # The train steps still in flight count as training time, not evaluation time.
-    jax.block_until_ready(params)
-    start = time.perf_counter()
-    metrics = self.trainer.evaluate(params, should_stop)
-    if metrics is None:
-      logging.warning('eval at step %d: abandoned for a stop request', step)
-    else:
-      logging.info('eval at step %d: %s', step, _fmt(metrics))
-    self.since += time.perf_counter() - start
-    return metrics
-
-
 def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Compiles the train step for the configured mesh and reports its memory per device.
 
@@ -583,7 +453,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   a cluster job spends its allocation finding out.
   """
   run = workdir_lib.setup(config, workdir, train=False, evaluation=False)
-  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
+  abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
   memory = trainer.memory(abstract)
   logging.info(
@@ -596,67 +466,11 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   return memory
 
 
-def memory_per_device(compiled) -> dict[str, float]:
-  """XLA's memory accounting of a compiled step, per device, in bytes."""
-  m = compiled.memory_analysis()
-  per_device = {
-    'params_and_state_bytes': m.argument_size_in_bytes,
-    'temporaries_bytes': m.temp_size_in_bytes,
-    'output_bytes': m.output_size_in_bytes,
-    'generated_code_bytes': m.generated_code_size_in_bytes,
-  }
-  total = sum(per_device.values()) - m.alias_size_in_bytes
-  return {
-    **{f'memory/{k}': float(v) for k, v in per_device.items()},
-    'memory/total_bytes': float(total),
-  }
-
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates the latest readable checkpoint of workdir on config's eval splits, through the
   run's tokenizer. config.data may name other data than the run trained on (domain transfer);
   config.model must be the run's."""
   run = workdir_lib.setup(config, workdir, defining=('model',), train=False)
-  abstract, shardings = abstract_state(run.model, run.tx, run.mesh, config)
-  step, params = _read_latest(workdir, abstract.params, config)
+  abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
+  step, params = workdir_lib.read_params(workdir, abstract.params, config)
   return {'step': float(step), **Trainer(run, shardings).evaluate(params)}
-
-
-def load_workdir(workdir: str):
-  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest readable
-  checkpoint: the parameters alone, split over every local device by the run's rules (fsdp
-  over all of them), whatever mesh the run trained on, so that no device holds them whole."""
-  config, tokenizer = workdir_lib.load_run_files(workdir)
-  model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
-  tx = optim.make_optimizer(config.optim, config.num_train_steps)
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
-  abstract, _ = abstract_state(model, tx, mesh, config)
-  step, params = _read_latest(workdir, abstract.params, config)
-  return model, params, tokenizer, step
-
-
-def _read_latest(workdir: str, abstract_params: Any, config) -> tuple[int, Any]:
-  """(step, parameters) of the newest readable checkpoint, for a reader: damaged steps are
-  skipped with a warning and left where they are."""
-  with checkpoint.Checkpointer(workdir) as ckpt:
-    restored = _restore(ckpt, abstract_params, config, workdir, reader=True)
-    steps = ckpt.steps()
-  if restored is None:
-    raise RunError(
-      f'workdir {workdir} has no readable checkpoint'
-      + (f' (steps {steps} are damaged)' if steps else ' yet')
-    )
-  return restored[0], restored[1]
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return (
-    f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
-    if seconds >= 3600
-    else (f'{seconds // 60}m{seconds % 60:02d}s')
-  )
-
-
-def _fmt(d: dict[str, float]) -> str:
-  return ', '.join(f'{k.split("/")[-1]} {v:.4f}' for k, v in d.items())

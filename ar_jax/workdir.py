@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ar_jax import data, models, optim, scheduled_sampling, sharding, writers
+from ar_jax import checkpoint, data, models, optim, scheduled_sampling, sharding, state, writers
 from ar_jax.data import tokenizers
 from ar_jax.errors import ConfigError, RunError, check
 
@@ -245,10 +245,47 @@ def write_final(workdir: str, summary: dict[str, Any]) -> None:
   os.replace(path + '.tmp', path)
 
 
-def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.Tokenizer]:
-  """A run directory's config and tokenizer, for readers (sampling, evaluation)."""
+def restore(ckpt: checkpoint.Checkpointer, abstract, config, workdir: str, reader: bool):
+  """ckpt.restore_latest: of the whole state by a trainer, which moves damaged steps aside;
+  of the parameters alone by a reader, which moves nothing. A mismatch names the fields this
+  config changed from the run's."""
+  try:
+    return ckpt.restore_latest(abstract, move_aside=not reader, params_only=reader)
+  except checkpoint.Mismatch as e:
+    changed = [f'{k} ({old!r} -> {new!r})' for k, old, new in changes(config, workdir)]
+    if not changed:
+      raise
+    raise checkpoint.Mismatch(
+      f"{e}. This config differs from the run's config.json in: {', '.join(changed)}"
+    ) from e
+
+
+def read_params(workdir: str, abstract_params: Any, config) -> tuple[int, Any]:
+  """(step, parameters) of the newest readable checkpoint, for a reader: damaged steps are
+  skipped with a warning and left where they are."""
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    restored = restore(ckpt, abstract_params, config, workdir, reader=True)
+    steps = ckpt.steps()
+  if restored is None:
+    raise RunError(
+      f'workdir {workdir} has no readable checkpoint'
+      + (f' (steps {steps} are damaged)' if steps else ' yet')
+    )
+  return restored[0], restored[1]
+
+
+def load(workdir: str):
+  """(model, params, tokenizer, step) from a workdir's config, tokenizer and latest readable
+  checkpoint: the parameters alone, split over every local device by the run's rules (fsdp
+  over all of them), whatever mesh the run trained on, so that no device holds them whole."""
   config_path = os.path.join(workdir, 'config.json')
   check(os.path.exists(config_path), f'{workdir} is not a run directory: it has no config.json')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  return config, tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
+  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
+  model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
+  tx = optim.make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+  abstract, _ = state.abstract_state(model, tx, mesh, config)
+  step, params = read_params(workdir, abstract.params, config)
+  return model, params, tokenizer, step

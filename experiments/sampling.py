@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import data, decoding, metrics, plots, study, train
+from ar_jax import data, decoding, metrics, plots, study, workdir
 from ar_jax.config import parse_arg
 from experiments import shakespeare_char
 
@@ -114,7 +114,7 @@ def plot(rows, path: str):
 def report(runs, plots_dir):
   sections = []
   for run in (r for r in runs if r.final):
-    model, params, tokenizer, _ = train.load_workdir(run.workdir)
+    model, params, tokenizer, _ = workdir.load(run.workdir)
     streams = data.load(ml_collections.ConfigDict(run.config['data']), tokenizer, train=False)
     held_out = tokenizer.decode(next(iter(streams.eval.values())))
     prompts = prompts_from(held_out, PROMPTS, PROMPT_CHARS)

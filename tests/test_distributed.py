@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ar_jax import checkpoint, models, train
+from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 from tests.helpers import REPO, read_jsonl, tiny_config
@@ -37,7 +38,7 @@ def family_config(text_file, family, **overrides):
 def one_step(cfg, workdir):
   """(state after one step, its loss) from the same initial parameters and batch."""
   run = workdir_lib.setup(cfg, str(workdir))
-  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   state = train.init_state(run, shardings)
   it = pipeline.train_iterator(
     run.streams.train,
@@ -129,7 +130,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
   for data in (2, 1):
     other = family_config(text_file, 'transformer', **{'mesh.data': data})
     run = workdir_lib.setup(other, str(tmp_path / 'run'))
-    abstract, _ = train.abstract_state(run.model, run.tx, run.mesh, other)
+    abstract, _ = state_lib.abstract_state(run.model, run.tx, run.mesh, other)
     restored, data_state, _ = checkpoint.Checkpointer(str(tmp_path / 'run'), max_to_keep=1).restore(
       1, abstract
     )
@@ -259,7 +260,7 @@ def test_a_model_trained_with_fsdp_samples_the_same_on_one_device_and_on_eight(t
   cfg = tiny_config(text_file, **{'mesh.data': 1, 'mesh.fsdp': 8})
   train.train_and_evaluate(cfg, str(tmp_path))
   # Readers restore the parameters alone, split over every device present, not replicated.
-  _, params, _, step = train.load_workdir(str(tmp_path))
+  _, params, _, step = workdir_lib.load(str(tmp_path))
   embedding = params['embed']['embedding']
   assert step == 6 and len(embedding.sharding.device_set) == 8
   assert not embedding.sharding.is_fully_replicated

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from ar_jax import models, train
+from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from experiments import compare_families, sampling, scaling
 from tests.helpers import REPO, tiny_config
@@ -47,7 +48,7 @@ def test_scaling_grid_spends_each_budget_with_at_least_three_sizes(family):
 def test_sampling_study_measures_each_strategy(text_file, tmp_path):
   cfg = tiny_config(text_file)
   run = workdir_lib.setup(cfg, str(tmp_path))
-  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   params = train.init_state(run, shardings).params
   prompts = sampling.prompts_from(text_file.read_text(), 6, 8)
   assert len({len(p) for p in prompts}) == 1 and all(p in text_file.read_text() for p in prompts)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from ar_jax import optim, train
+from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
 from tests.helpers import read_jsonl, tiny_config
@@ -79,7 +80,7 @@ def test_workdir_of_another_run_is_refused_and_left_alone(text_file, tmp_path):
 def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path):
   cfg = tiny_config(text_file, eval_batches=0)
   run = workdir_lib.setup(cfg, str(tmp_path))
-  _, shardings = train.abstract_state(run.model, run.tx, run.mesh, cfg)
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   state = train.init_state(run, shardings)
   got = train.Trainer(run, shardings).evaluate(state.params)
   tokens = np.concatenate(list(run.streams.eval.values())).astype(np.int32)

@@ -1,0 +1,133 @@
+"""Throughput and memory accounting: the progress log's train/... scalars, training time
+measured once (compiles and evaluations excluded), and XLA's memory per device."""
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from ar_jax import flops, optim
+
+
+class Stopwatch:
+  """Training time: the wall time since the last lap, less what ran inside excluded()
+  (compiles, evaluations). One object, shared by the trainer and the progress log, so each
+  excluded second is subtracted once."""
+
+  def __init__(self):
+    self._lap, self._excluded = time.perf_counter(), 0.0
+
+  @contextlib.contextmanager
+  def excluded(self) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - start
+
+  def lap(self) -> float:
+    """Training seconds since the last lap, and a new lap begins."""
+    now = time.perf_counter()
+    seconds = now - self._lap - self._excluded
+    self._lap, self._excluded = now, 0.0
+    return seconds
+
+
+class Progress:
+  """Turns the steps' metrics into train/... scalars and the progress line with its ETA."""
+
+  def __init__(self, run, trainer, num_params: int):
+    """run: the workdir's Run; trainer: its train.Trainer, whose stopwatch this reads."""
+    cfg = run.config
+    self.run, self.trainer, self.num_params = run, trainer, num_params
+    self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
+    self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
+    self.peak, peak_source = flops.peak_flops(jax.devices()[0])
+    logging.info(
+      '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
+      cfg.model.name,
+      num_params / 1e6,
+      self.flops_per_token / 1e6,
+      self.peak / 1e12,
+      peak_source,
+    )
+    self.stopwatch = trainer.stopwatch
+    self.stopwatch.lap()  # throughput counts from here
+
+  def log(self, step: int, host: list[dict]) -> dict[str, float]:
+    cfg = self.run.config
+    losses = np.concatenate([m['loss'] for m in host])
+    skipped = np.concatenate([m['skipped'] for m in host])
+    seconds = self.stopwatch.lap()  # compiles and evaluations are not throughput
+    steps = len(losses)
+    tokens_per_sec = steps * self.tokens_per_step / seconds
+    per_device = tokens_per_sec / self.run.mesh.size
+    logged = {
+      'train/loss': float(losses[~skipped].mean()) if (~skipped).any() else math.nan,
+      'train/grad_norm': float(np.concatenate([m['grad_norm'] for m in host])[~skipped].mean())
+      if (~skipped).any()
+      else math.nan,
+      'train/learning_rate': float(self.lr(step - 1)),
+      'train/tokens_per_sec': tokens_per_sec,
+      'train/tokens_per_sec_per_device': per_device,
+      'train/step_time_ms': 1000 * seconds / steps,
+      'train/mfu': per_device * self.flops_per_token / self.peak,
+      'train/tokens_seen': step * self.tokens_per_step,
+      'train/skipped_steps': float(skipped.sum()),
+    }
+    eta = (cfg.num_train_steps - step) * seconds / steps
+    logging.info(
+      'step %d/%d | loss %.4f | %.0f tok/s | mfu %.1f%% | eta %s',
+      step,
+      cfg.num_train_steps,
+      logged['train/loss'],
+      tokens_per_sec,
+      100 * logged['train/mfu'],
+      _duration(eta),
+    )
+    return logged
+
+  def evaluate(self, params, step: int, should_stop: Callable[[], bool]) -> dict | None:
+    # The train steps still in flight count as training time, not evaluation time.
+    jax.block_until_ready(params)
+    with self.stopwatch.excluded():
+      metrics = self.trainer.evaluate(params, should_stop)
+    if metrics is None:
+      logging.warning('eval at step %d: abandoned for a stop request', step)
+    else:
+      logging.info('eval at step %d: %s', step, _fmt(metrics))
+    return metrics
+
+
+def memory_per_device(compiled) -> dict[str, float]:
+  """XLA's memory accounting of a compiled step, per device, in bytes."""
+  m = compiled.memory_analysis()
+  per_device = {
+    'params_and_state_bytes': m.argument_size_in_bytes,
+    'temporaries_bytes': m.temp_size_in_bytes,
+    'output_bytes': m.output_size_in_bytes,
+    'generated_code_bytes': m.generated_code_size_in_bytes,
+  }
+  total = sum(per_device.values()) - m.alias_size_in_bytes
+  return {
+    **{f'memory/{k}': float(v) for k, v in per_device.items()},
+    'memory/total_bytes': float(total),
+  }
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return (
+    f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+    if seconds >= 3600
+    else (f'{seconds // 60}m{seconds % 60:02d}s')
+  )
+
+
+def _fmt(d: dict[str, float]) -> str:
+  return ', '.join(f'{k.split("/")[-1]} {v:.4f}' for k, v in d.items())
