@@ -26,7 +26,8 @@ from ar_jax.errors import ConfigError, RunError, check
 
 # Fields that define what a workdir's checkpoints are: a different value cannot resume it.
 RUN_DEFINING = ('model', 'data', 'seed', 'batch_size')
-# What a restart moves into WORKDIR/previous.TIME/: the record of the run it replaces.
+# What a restart moves into WORKDIR/previous.TIME/: the record of the run it replaces (and
+# checkpoints/*.unreadable.*, into previous.TIME/checkpoints/).
 HISTORY = ('metrics.jsonl', 'final.json', 'tensorboard', 'samples.txt')
 
 
@@ -193,8 +194,9 @@ def check_fresh_start(workdir: str, moved_aside: list[str], allow_restart: bool)
       f'workdir {workdir} holds a run with no checkpoint to resume from: '
       + '; '.join(lost)
       + '. Refusing to start it again from step 0 over its history. Put the checkpoints back, '
-      'use a new workdir, or pass --allow_restart to start again (the old metrics, samples and '
-      'TensorBoard events are first moved into a previous.TIME folder of the workdir)'
+      'use a new workdir, or pass --allow_restart to start again (the old metrics, samples, '
+      'TensorBoard events and unreadable checkpoints are first moved into a previous.TIME '
+      'folder of the workdir)'
     )
   return True
 
@@ -217,6 +219,10 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer, restart:
       for name in HISTORY:
         if os.path.exists(os.path.join(workdir, name)):
           os.rename(os.path.join(workdir, name), os.path.join(previous, name))
+      checkpoints = os.path.join(workdir, 'checkpoints')
+      for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        if checkpoint.UNREADABLE in name:  # kept, out of the way of the new run's checks
+          os.renames(os.path.join(checkpoints, name), os.path.join(previous, 'checkpoints', name))
       logging.warning('restarting from step 0: the earlier history was moved to %s', previous)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))

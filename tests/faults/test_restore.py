@@ -80,6 +80,8 @@ def test_unreadable_checkpoints_refuse_a_restart_until_it_is_asked_for(corpus, t
   assert 'restarting from step 0' in out.stderr
   (previous,) = workdir.glob('previous.*')
   assert (previous / 'metrics.jsonl').read_text() == history
+  assert [p.name.split('.')[0] for p in (previous / 'checkpoints').iterdir()] == ['20']
+  assert aside(workdir) == []  # the new run's own checks no longer see them
   assert [m['step'] for m in read_jsonl(workdir / 'metrics.jsonl')][-1] == 10
 
 
