@@ -6,7 +6,7 @@ Starting again with the same workdir resumes from its latest checkpoint.
 from absl import app, flags
 from ml_collections import config_flags
 
-from ar_jax import cli, distributed, train
+from ar_jax import cli, distributed, evaluation, train
 
 config_flags.DEFINE_config_file('config', None, 'experiments/NAME.py[:ARG]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, metrics, samples.')
@@ -33,7 +33,7 @@ def _main():
   f = flags.FLAGS
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   if f.mode == 'eval':
-    metrics = train.evaluate_workdir(f.config, f.workdir)
+    metrics = evaluation.evaluate_workdir(f.config, f.workdir)
   elif f.mode == 'compile_only':
     metrics = train.compile_only(f.config, f.workdir)
   else:

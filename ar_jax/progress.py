@@ -40,10 +40,10 @@ class Stopwatch:
 class Progress:
   """Turns the steps' metrics into train/... scalars and the progress line with its ETA."""
 
-  def __init__(self, run, trainer, num_params: int):
-    """run: the workdir's Run; trainer: its train.Trainer, whose stopwatch this reads."""
+  def __init__(self, run, stopwatch: Stopwatch, num_params: int):
+    """run: the workdir's Run; stopwatch: the one its trainer excludes compiles from."""
     cfg = run.config
-    self.run, self.trainer, self.num_params = run, trainer, num_params
+    self.run, self.num_params = run, num_params
     self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
     self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
     self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
@@ -56,7 +56,7 @@ class Progress:
       self.peak / 1e12,
       peak_source,
     )
-    self.stopwatch = trainer.stopwatch
+    self.stopwatch = stopwatch
     self.stopwatch.lap()  # throughput counts from here
 
   def log(self, step: int, host: list[dict]) -> dict[str, float]:
@@ -92,11 +92,12 @@ class Progress:
     )
     return logged
 
-  def evaluate(self, params, step: int, should_stop: Callable[[], bool]) -> dict | None:
+  def evaluate(self, evaluator, params, step: int, should_stop: Callable[[], bool]) -> dict | None:
+    """evaluator.evaluate(params, should_stop), logged, its time not counted as training."""
     # The train steps still in flight count as training time, not evaluation time.
     jax.block_until_ready(params)
     with self.stopwatch.excluded():
-      metrics = self.trainer.evaluate(params, should_stop)
+      metrics = evaluator.evaluate(params, should_stop)
     if metrics is None:
       logging.warning('eval at step %d: abandoned for a stop request', step)
     else:

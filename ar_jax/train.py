@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import optax
 from ar_jax import (
   checkpoint,
   decoding,
-  metrics,
+  evaluation,
   preemption,
   progress,
   scheduled_sampling,
@@ -30,16 +29,6 @@ from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError, RunError, check
-
-
-def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
-  """(sum of token losses, sum of weights); the loss is float32 whatever the logits were."""
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
-    logits_BTV.astype(jnp.float32), targets_BT
-  )
-  if weights_BT is None:
-    weights_BT = jnp.ones_like(losses_BT)
-  return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
 def train_step(
@@ -88,7 +77,7 @@ def train_step(
       logits_BTV = apply(inputs_BT)
     else:
       logits_BTV, carry = apply(inputs_BT, jax.lax.stop_gradient(carry), method=model.step)
-    total, count = cross_entropy(logits_BTV, micro_BT[:, 1:])
+    total, count = evaluation.cross_entropy(logits_BTV, micro_BT[:, 1:])
     return total / count, carry
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -134,14 +123,6 @@ def train_steps(state: state_lib.TrainState, batches_KBT: jax.Array, **step_kwar
   return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches_KBT)
 
 
-def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model):
-  """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes."""
-  logits_BTV = model.apply({'params': params}, batch_BT[:, :-1])
-  nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
-  nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)
-  return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
-
-
 def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_lib.TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
   init = state_lib.init_fn(run.model, run.tx, run.config, unbox=True)
@@ -150,11 +131,10 @@ def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_l
 
 
 class Trainer:
-  """The compiled steps of one run, and evaluation over its eval splits."""
+  """The compiled train dispatch of one run."""
 
   def __init__(self, run: workdir_lib.Run, shardings: state_lib.TrainState):
     self.run = run
-    self.batch_sharding = sharding.batch_sharding(run.mesh)
     self.stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
     self.jitted_train = jax.jit(
       functools.partial(
@@ -172,12 +152,6 @@ class Trainer:
       out_shardings=(shardings, sharding.replicated(run.mesh)),
       donate_argnums=0,
     )
-    self._eval = jax.jit(
-      functools.partial(eval_step, model=run.model),
-      in_shardings=(shardings.params, self.batch_sharding, self.batch_sharding, None),
-      out_shardings=sharding.replicated(run.mesh),
-    )
-    self._token_bytes = jnp.asarray(run.tokenizer.token_bytes)
     self.stopwatch = progress.Stopwatch()  # compiles are not training time
     self._compiled: dict[int, Any] = {}
 
@@ -206,54 +180,6 @@ class Trainer:
     none was: a run resumed at its end)."""
     k = max(self._compiled, default=self.run.config.steps_per_dispatch)
     return progress.memory_per_device(self.compile(state, self.abstract_batches(k)))
-
-  def evaluate(self, params, should_stop: Callable[[], bool] = lambda: False) -> dict | None:
-    """The eval splits' metrics; None when should_stop() turns true first (it is asked
-    between batches, with at most two batches in flight, so a stop request is prompt)."""
-    cfg = self.run.config
-    sums = []
-    with sharding.context(self.run.mesh, cfg.sharding_rules):
-      for tokens in self.run.streams.eval.values():
-        for batch, weights in pipeline.eval_batches(
-          tokens,
-          batch_size=cfg.eval_batch_size or cfg.batch_size,
-          seq_len=cfg.data.seq_len,
-          max_batches=cfg.eval_batches,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
-          examples=cfg.data.sampling == 'examples',
-        ):
-          sums.append(
-            self._eval(
-              params,
-              sharding.global_batch(batch, self.batch_sharding),
-              sharding.global_batch(weights, self.batch_sharding),
-              self._token_bytes,
-            )
-          )
-          if len(sums) > 2:
-            jax.block_until_ready(sums[-3])
-          if should_stop():
-            return None
-    # One transfer at the end keeps the batches in flight; float64 for the totals.
-    totals = {
-      k: float(np.sum(v, dtype=np.float64))
-      for k, v in jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(sums)).items()
-    }
-    loss = totals['nats'] / totals['tokens']
-    out = {
-      'eval/loss': loss,
-      'eval/perplexity': metrics.perplexity(loss),
-      'eval/bits_per_byte': metrics.bits_per_unit(totals['nats'], totals['bytes']),
-      'eval/tokens': totals['tokens'],
-    }
-    if self.run.tokenizer.kind == 'char':
-      out['eval/bits_per_char'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
-    if self.run.tokenizer.kind == 'pixel':  # every target is a sub-pixel: one dimension
-      out['eval/bits_per_dim'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
-      # Each example is one image of seq_len sub-pixels.
-      out['eval/nats_per_image'] = totals['nats'] / totals['tokens'] * cfg.data.seq_len
-    return out
 
 
 def chunk_sizes(start: int, config: ml_collections.ConfigDict) -> list[int]:
@@ -338,8 +264,9 @@ def train_and_evaluate(
       workdir_lib.unfinished(workdir)
     meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
     trainer = Trainer(run, shardings)
+    evaluator = evaluation.Evaluator(run, shardings.params)
     writer = writers.MetricWriter(workdir, resume_step=step)
-    meter = progress.Progress(run, trainer, state_lib.count_params(state.params))
+    meter = progress.Progress(run, trainer.stopwatch, state_lib.count_params(state.params))
 
     final_eval, pending, stopped = {}, [], False
     try:
@@ -347,7 +274,7 @@ def train_and_evaluate(
 
         def evaluate():  # True when it finished, False when a stop request cut it short
           nonlocal final_eval
-          result = meter.evaluate(state.params, step, stop.requested)
+          result = meter.evaluate(evaluator, state.params, step, stop.requested)
           if result is not None:
             final_eval = _finite_eval(result, step, config.nan_policy, ckpt.latest_step())
             writer.write(step, final_eval)
@@ -385,7 +312,7 @@ def train_and_evaluate(
         )
       elif step == first_step and not final_eval:  # nothing left to train: where it stands
         final_eval = _finite_eval(
-          trainer.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
+          evaluator.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
         )
     finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
       writer.close()
@@ -464,13 +391,3 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     memory['memory/total_bytes'] / 2**30,
   )
   return memory
-
-
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the latest readable checkpoint of workdir on config's eval splits, through the
-  run's tokenizer. config.data may name other data than the run trained on (domain transfer);
-  config.model must be the run's."""
-  run = workdir_lib.setup(config, workdir, defining=('model',), train=False)
-  abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
-  step, params = workdir_lib.read_params(workdir, abstract.params, config)
-  return {'step': float(step), **Trainer(run, shardings).evaluate(params)}

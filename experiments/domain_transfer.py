@@ -9,7 +9,7 @@ reads every corpus. One model per training corpus: the quickstart's transformer 
 parameters, 256-byte context); each evaluation reads the same number of held-out bytes.
 """
 
-from ar_jax import study, train
+from ar_jax import evaluation, study
 from ar_jax.config import defaults, parse_arg
 from experiments import quickstart
 
@@ -54,7 +54,7 @@ def report(runs, plots_dir):
     row = [r.fields['train']]
     for corpus in CORPORA:
       config.data = data_config(corpus)
-      row.append(f'{train.evaluate_workdir(config, r.workdir)["eval/bits_per_byte"]:.3f}')
+      row.append(f'{evaluation.evaluate_workdir(config, r.workdir)["eval/bits_per_byte"]:.3f}')
     body.append(row)
   header = ('trained on \\ evaluated on', *CORPORA)
   return (

@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from ar_jax import optim, train
+from ar_jax import evaluation, optim, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
@@ -82,7 +82,7 @@ def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path)
   run = workdir_lib.setup(cfg, str(tmp_path))
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   state = train.init_state(run, shardings)
-  got = train.Trainer(run, shardings).evaluate(state.params)
+  got = evaluation.Evaluator(run, shardings.params).evaluate(state.params)
   tokens = np.concatenate(list(run.streams.eval.values())).astype(np.int32)
   assert len(run.streams.eval) == 1
   # Directly: every token after the first, predicted from the up-to-seq_len tokens before it
@@ -107,10 +107,12 @@ def test_a_run_is_evaluated_on_other_data_through_its_own_tokenizer(text_file, t
   workdir = str(tmp_path / 'run')
   cfg = tiny_config(text_file, num_train_steps=20, eval_batches=0)
   trained = train.train_and_evaluate(cfg, workdir)
-  assert train.evaluate_workdir(cfg, workdir)['eval/loss'] == pytest.approx(trained['eval/loss'])
-  elsewhere = train.evaluate_workdir(tiny_config(other, eval_batches=0), workdir)
+  assert evaluation.evaluate_workdir(cfg, workdir)['eval/loss'] == pytest.approx(
+    trained['eval/loss']
+  )
+  elsewhere = evaluation.evaluate_workdir(tiny_config(other, eval_batches=0), workdir)
   # The held-out part of other.txt (its last 10%), every token but the first, scored.
   assert elsewhere['eval/tokens'] == len(other.read_text()) - int(0.9 * len(other.read_text())) - 1
   assert elsewhere['eval/loss'] != pytest.approx(trained['eval/loss'], rel=1e-3)
   with pytest.raises(ConfigError, match='model.d_model: workdir has 16, config has 32'):
-    train.evaluate_workdir(tiny_config(other, **{'model.d_model': 32}), workdir)
+    evaluation.evaluate_workdir(tiny_config(other, **{'model.d_model': 32}), workdir)

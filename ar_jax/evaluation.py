@@ -1,0 +1,104 @@
+"""Evaluation: the token cross-entropy, an eval step that sums it with the tokens and bytes it
+covers, and the evaluation of a run's parameters over every token of its eval splits."""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ar_jax import metrics, sharding, state, workdir
+from ar_jax.data import pipeline
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
+  """(sum of token losses, sum of weights); the loss is float32 whatever the logits were."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+    logits_BTV.astype(jnp.float32), targets_BT
+  )
+  if weights_BT is None:
+    weights_BT = jnp.ones_like(losses_BT)
+  return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model):
+  """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes."""
+  logits_BTV = model.apply({'params': params}, batch_BT[:, :-1])
+  nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
+  nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)
+  return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
+
+
+class Evaluator:
+  """The compiled eval step of one run, over its eval splits."""
+
+  def __init__(self, run: workdir.Run, params_shardings):
+    self.run = run
+    self.batch_sharding = sharding.batch_sharding(run.mesh)
+    self._eval = jax.jit(
+      functools.partial(eval_step, model=run.model),
+      in_shardings=(params_shardings, self.batch_sharding, self.batch_sharding, None),
+      out_shardings=sharding.replicated(run.mesh),
+    )
+    self._token_bytes = jnp.asarray(run.tokenizer.token_bytes)
+
+  def evaluate(self, params, should_stop: Callable[[], bool] = lambda: False) -> dict | None:
+    """The eval splits' metrics; None when should_stop() turns true first (it is asked
+    between batches, with at most two batches in flight, so a stop request is prompt)."""
+    cfg = self.run.config
+    sums = []
+    with sharding.context(self.run.mesh, cfg.sharding_rules):
+      for tokens in self.run.streams.eval.values():
+        for batch, weights in pipeline.eval_batches(
+          tokens,
+          batch_size=cfg.eval_batch_size or cfg.batch_size,
+          seq_len=cfg.data.seq_len,
+          max_batches=cfg.eval_batches,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          examples=cfg.data.sampling == 'examples',
+        ):
+          sums.append(
+            self._eval(
+              params,
+              sharding.global_batch(batch, self.batch_sharding),
+              sharding.global_batch(weights, self.batch_sharding),
+              self._token_bytes,
+            )
+          )
+          if len(sums) > 2:
+            jax.block_until_ready(sums[-3])
+          if should_stop():
+            return None
+    # One transfer at the end keeps the batches in flight; float64 for the totals.
+    totals = {
+      k: float(np.sum(v, dtype=np.float64))
+      for k, v in jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(sums)).items()
+    }
+    loss = totals['nats'] / totals['tokens']
+    out = {
+      'eval/loss': loss,
+      'eval/perplexity': metrics.perplexity(loss),
+      'eval/bits_per_byte': metrics.bits_per_unit(totals['nats'], totals['bytes']),
+      'eval/tokens': totals['tokens'],
+    }
+    if self.run.tokenizer.kind == 'char':
+      out['eval/bits_per_char'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
+    if self.run.tokenizer.kind == 'pixel':  # every target is a sub-pixel: one dimension
+      out['eval/bits_per_dim'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
+      # Each example is one image of seq_len sub-pixels.
+      out['eval/nats_per_image'] = totals['nats'] / totals['tokens'] * cfg.data.seq_len
+    return out
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, path: str) -> dict[str, float]:
+  """Evaluates the latest readable checkpoint of the workdir at path on config's eval splits,
+  through the run's tokenizer. config.data may name other data than the run trained on
+  (domain transfer); config.model must be the run's."""
+  run = workdir.setup(config, path, defining=('model',), train=False)
+  abstract, shardings = state.abstract_state(run.model, run.tx, run.mesh, config)
+  step, params = workdir.read_params(path, abstract.params, config)
+  return {'step': float(step), **Evaluator(run, shardings.params).evaluate(params)}
