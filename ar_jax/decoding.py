@@ -1,4 +1,5 @@
-"""Generation and scoring for any model that implements the model contract's cached step.
+"""Generation for any model that implements the model contract's cached step (scoring, by
+the full forward, is in scoring.py).
 
 Strategies: greedy (temperature 0), ancestral sampling, and its filters in one order:
 temperature first (softmax(logits / temperature)), then top-k, then top-p (the smallest set
@@ -155,55 +156,12 @@ def beam_search(
   )
 
 
-def score(
-  model: Any,
-  params: Any,
-  prompts_BP: jax.Array,
-  continuations_BC: jax.Array,
-  *,
-  prompt_lengths: Any = None,
-  continuation_lengths: Any = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Exact log p(continuation | prompt) from the teacher-forced full forward (no cache).
-
-  Both arrays are padded on the right; lengths default to their widths. Returns the sum per
-  row [B] and each continuation token's log-probability [B, C] (0 past its length).
-  """
-  prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
-  continuations_BC = jnp.asarray(continuations_BC, jnp.int32)
-  (B, P), C = prompts_BP.shape, continuations_BC.shape[1]
-  check(
-    continuations_BC.shape[0] == B, f'{B} prompts but {continuations_BC.shape[0]} continuations'
-  )
-  prompt_B = _lengths(prompt_lengths, B, P, 'prompt')
-  check(prompt_B.min() >= 1, 'scoring needs a prompt of at least one token in every row')
-  continuation_B = _lengths(continuation_lengths, B, C, 'continuation')
-  longest = int((prompt_B + continuation_B).max())
-  if model.max_len:
-    check(
-      longest <= model.max_len,
-      f"prompt + continuation of {longest} tokens exceeds the model's context of "
-      f'{model.max_len} positions',
-    )
-  # A width from the padded shapes, not the data, so batches of one shape compile once.
-  width = min(P + C, model.max_len or P + C)
-  return _score(
-    model,
-    params,
-    prompts_BP,
-    jnp.asarray(prompt_B, jnp.int32),
-    continuations_BC,
-    jnp.asarray(continuation_B, jnp.int32),
-    width,
-  )
-
-
 def _eos(eos_id: int | None) -> jax.Array:
   """An argument, not a compile-time constant; -1 (no token id) for none."""
   return jnp.int32(-1 if eos_id is None else eos_id)
 
 
-def _lengths(lengths: Any, batch: int, width: int, what: str) -> np.ndarray:
+def checked_lengths(lengths: Any, batch: int, width: int, what: str) -> np.ndarray:
   """Lengths [B] as numpy, checked against their padded width."""
   lengths_B = np.full(batch, width) if lengths is None else np.asarray(lengths)
   check(lengths_B.shape == (batch,), f'{what}_lengths has shape {lengths_B.shape}, not ({batch},)')
@@ -219,7 +177,7 @@ def _checked_prompts(model, prompts_BP, prompt_lengths, max_new_tokens):
   model's context."""
   prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
   check(prompts_BP.ndim == 2, f'prompts must be [batch, length], got shape {prompts_BP.shape}')
-  lengths_B = _lengths(prompt_lengths, *prompts_BP.shape, 'prompt')
+  lengths_B = checked_lengths(prompt_lengths, *prompts_BP.shape, 'prompt')
   check(lengths_B.min() >= 1, 'generation needs a prompt of at least one token in every row')
   check(max_new_tokens >= 1, f'max_new_tokens must be positive, got {max_new_tokens}')
   P = int(lengths_B.max())
@@ -416,25 +374,3 @@ def _beam_search(
   )
   beams = _Beams(tokens_BWL, empty.log_probs, alive_scores, empty)
   return _decode(model, params, choose, beams, cache, logits_RV, shortest, L).finished
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'width'))
-def _score(model, params, prompts_BP, prompt_B, continuations_BC, continuation_B, width):
-  P, C = prompts_BP.shape[1], continuations_BC.shape[1]
-  positions_L = jnp.arange(width)
-  from_prompt_BL = prompts_BP[:, jnp.minimum(positions_L, P - 1)]
-  into_continuation_BL = jnp.clip(positions_L - prompt_B[:, None], 0, C - 1)
-  from_continuation_BL = jnp.take_along_axis(continuations_BC, into_continuation_BL, axis=1)
-  tokens_BL = jnp.where(positions_L < prompt_B[:, None], from_prompt_BL, from_continuation_BL)
-  tokens_BL = jnp.where(positions_L < (prompt_B + continuation_B)[:, None], tokens_BL, 0)
-  log_p_BLV = jax.nn.log_softmax(model.apply({'params': params}, tokens_BL))
-  # Position i predicts the token at i + 1.
-  next_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
-  log_p_BL = jnp.take_along_axis(log_p_BLV, next_BL[..., None], -1)[..., 0]
-  predicted_at_BC = jnp.clip(prompt_B[:, None] - 1 + jnp.arange(C), 0, width - 1)
-  per_token_BC = jnp.where(
-    jnp.arange(C) < continuation_B[:, None],
-    jnp.take_along_axis(log_p_BL, predicted_at_BC, axis=1),
-    0.0,
-  )
-  return per_token_BC.sum(-1), per_token_BC

@@ -6,6 +6,10 @@ matplotlib's Figure draws on its own Agg canvas: no pyplot, no global backend, n
 
 import pathlib
 
+import numpy as np
+
+from ar_jax import scaling
+
 
 def figure(width: float = 6.0, height: float = 4.5):
   from matplotlib.figure import Figure  # here: only the reports need matplotlib
@@ -17,3 +21,49 @@ def save(fig, path) -> pathlib.Path:
   path = pathlib.Path(path)
   fig.savefig(path, dpi=120)
   return path
+
+
+def scaling_frontier(N, D, L, law: scaling.Law, path) -> pathlib.Path:
+  """Loss against compute 6ND for every run, and the law's compute-optimal frontier."""
+  C = scaling.compute_6nd(N, D)
+  fig = figure()
+  ax = fig.add_subplot()
+  points = ax.scatter(C, L, c=np.log10(N), s=12, cmap='viridis')
+  fig.colorbar(points, ax=ax, label='log10 N')
+  grid = np.geomspace(C.min(), C.max(), 200)
+  ax.plot(grid, law.frontier(grid), 'k-', label=f'frontier: N* ~ C^{law.a:.3f}')
+  ax.set(xscale='log', xlabel='compute C = 6ND (FLOPs)', ylabel='loss')
+  ax.legend()
+  return save(fig, path)
+
+
+def isoflop_profiles(iso: scaling.IsoFlops, path) -> pathlib.Path:
+  """Loss against N for each budget, its parabola in log N, and the parabola's minimum."""
+  fig = figure()
+  ax = fig.add_subplot()
+  for b in iso.budgets:
+    (line,) = ax.plot(b.N, b.L, 'o', ms=4, label=f'C = {b.C:.2g}')
+    if not b.has_minimum:
+      continue
+    # Out to the vertex when it lies beyond the sampled sizes, so that the marker sits on a curve.
+    x_opt = np.log(b.N_opt)
+    x = np.linspace(min(np.log(b.N.min()), x_opt), max(np.log(b.N.max()), x_opt), 100)
+    ax.plot(np.exp(x), np.polyval(b.coeffs, x), '-', color=line.get_color())
+    ax.plot(b.N_opt, b.L_opt, 'x' if b.extrapolated else '*', color='k', ms=9)
+  ax.set(xscale='log', xlabel='parameters N', ylabel='loss', title='IsoFLOP profiles')
+  ax.legend(fontsize='small')
+  return save(fig, path)
+
+
+def scaling_residuals(N, D, L, law: scaling.Law, path) -> pathlib.Path:
+  """log observed - log predicted loss against N and against compute."""
+  N, D, L = (np.asarray(x, dtype=float) for x in (N, D, L))
+  r = np.log(L) - np.log(law.predict(N, D))
+  fig = figure()
+  for i, (x, label) in enumerate([(N, 'parameters N'), (scaling.compute_6nd(N, D), 'compute 6ND')]):
+    ax = fig.add_subplot(1, 2, i + 1, sharey=fig.axes[0] if i else None)
+    ax.axhline(0, color='k', lw=0.8)
+    ax.scatter(x, r, s=10)
+    ax.set(xscale='log', xlabel=label)
+  fig.axes[0].set_ylabel('log L - log L_fit')
+  return save(fig, path)

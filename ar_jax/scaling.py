@@ -3,20 +3,17 @@
 The parametric fit is Approach 3 of Hoffmann et al. (2022), "Training compute-optimal large
 language models", as replicated by Besiroglu et al. (2024), "Chinchilla scaling: a replication
 attempt": a Huber loss (delta 1e-3) on log losses, minimised by L-BFGS-B from a grid of starts.
-IsoFLOP profiles are their Approach 2. Pure numpy/scipy; matplotlib only for the plots.
+IsoFLOP profiles are their Approach 2. Pure numpy/scipy; their figures are in plots.py.
 """
 
 import dataclasses
 import itertools
-import pathlib
 import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import threadpoolctl
 from scipy import optimize, special, stats
-
-from ar_jax import plots
 
 # Starting grid of Besiroglu et al. (2024): 5 * 5 * 5 * 6 * 6 = 4500 starts.
 GRID = {
@@ -362,49 +359,3 @@ def isoflops(N, C, L, *, budget=None, rtol: float = 0.1) -> IsoFlops:
     n_law=_power_law(Cs, np.array([b.N_opt for b in fitted])),
     d_law=_power_law(Cs, np.array([b.D_opt for b in fitted])),
   )
-
-
-def plot_frontier(N, D, L, law: Law, path) -> pathlib.Path:
-  """Loss against compute 6ND for every run, and the law's compute-optimal frontier."""
-  C = compute_6nd(N, D)
-  fig = plots.figure()
-  ax = fig.add_subplot()
-  points = ax.scatter(C, L, c=np.log10(N), s=12, cmap='viridis')
-  fig.colorbar(points, ax=ax, label='log10 N')
-  grid = np.geomspace(C.min(), C.max(), 200)
-  ax.plot(grid, law.frontier(grid), 'k-', label=f'frontier: N* ~ C^{law.a:.3f}')
-  ax.set(xscale='log', xlabel='compute C = 6ND (FLOPs)', ylabel='loss')
-  ax.legend()
-  return plots.save(fig, path)
-
-
-def plot_isoflops(iso: IsoFlops, path) -> pathlib.Path:
-  """Loss against N for each budget, its parabola in log N, and the parabola's minimum."""
-  fig = plots.figure()
-  ax = fig.add_subplot()
-  for b in iso.budgets:
-    (line,) = ax.plot(b.N, b.L, 'o', ms=4, label=f'C = {b.C:.2g}')
-    if not b.has_minimum:
-      continue
-    # Out to the vertex when it lies beyond the sampled sizes, so that the marker sits on a curve.
-    x_opt = np.log(b.N_opt)
-    x = np.linspace(min(np.log(b.N.min()), x_opt), max(np.log(b.N.max()), x_opt), 100)
-    ax.plot(np.exp(x), np.polyval(b.coeffs, x), '-', color=line.get_color())
-    ax.plot(b.N_opt, b.L_opt, 'x' if b.extrapolated else '*', color='k', ms=9)
-  ax.set(xscale='log', xlabel='parameters N', ylabel='loss', title='IsoFLOP profiles')
-  ax.legend(fontsize='small')
-  return plots.save(fig, path)
-
-
-def plot_residuals(N, D, L, law: Law, path) -> pathlib.Path:
-  """log observed - log predicted loss against N and against compute."""
-  N, D, L = (np.asarray(x, dtype=float) for x in (N, D, L))
-  r = np.log(L) - np.log(law.predict(N, D))
-  fig = plots.figure()
-  for i, (x, label) in enumerate([(N, 'parameters N'), (compute_6nd(N, D), 'compute 6ND')]):
-    ax = fig.add_subplot(1, 2, i + 1, sharey=fig.axes[0] if i else None)
-    ax.axhline(0, color='k', lw=0.8)
-    ax.scatter(x, r, s=10)
-    ax.set(xscale='log', xlabel=label)
-  fig.axes[0].set_ylabel('log L - log L_fit')
-  return plots.save(fig, path)

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from ar_jax import models, scaling, study
+from ar_jax import models, plots, scaling, study
 from ar_jax.config import defaults, parse_arg
 from experiments import sizing
 
@@ -128,9 +128,9 @@ def report(runs, plots_dir):
   compute-optimal exponents; per run, compute by 6ND and by the model's own count."""
   finished, N, D, L, fit, iso, caught = analyse(runs)
   law, stderr, interval = fit.law, fit.stderr(), fit.interval()
-  scaling.plot_frontier(N, D, L, law, f'{plots_dir}/scaling_frontier.png')
-  scaling.plot_isoflops(iso, f'{plots_dir}/scaling_isoflops.png')
-  scaling.plot_residuals(N, D, L, law, f'{plots_dir}/scaling_residuals.png')
+  plots.scaling_frontier(N, D, L, law, f'{plots_dir}/scaling_frontier.png')
+  plots.isoflop_profiles(iso, f'{plots_dir}/scaling_isoflops.png')
+  plots.scaling_residuals(N, D, L, law, f'{plots_dir}/scaling_residuals.png')
 
   def estimate(name: str, value: float) -> list[str]:
     low, high = interval[name]

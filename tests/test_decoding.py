@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import decoding, models
+from ar_jax import decoding, models, scoring
 from ar_jax.errors import ConfigError
 
 V = 11
@@ -83,7 +83,7 @@ def check_against_score(model, params, out: decoding.Generation, prompts, prompt
   returns the teacher-forced total of each row and each row's continuation length."""
   ends = np.asarray(out.lengths).reshape(-1)
   new = ends - prompt_lengths
-  total, per_token = decoding.score(
+  total, per_token = scoring.score(
     model,
     params,
     prompts,

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ar_jax import scaling
+from ar_jax import plots, scaling
 
 # Besiroglu et al. (2024), table 1: (estimate, standard error) of their Approach 3 replication.
 BESIROGLU = {
@@ -193,9 +193,9 @@ def test_plots_write_pngs(tmp_path):
   N, D, L = synthetic_runs()
   iso = scaling.isoflops(*isoflop_runs()[:3])
   paths = [
-    scaling.plot_frontier(N, D, L, TRUTH, tmp_path / 'frontier.png'),
-    scaling.plot_isoflops(iso, tmp_path / 'isoflops.png'),
-    scaling.plot_residuals(N, D, L, TRUTH, tmp_path / 'residuals.png'),
+    plots.scaling_frontier(N, D, L, TRUTH, tmp_path / 'frontier.png'),
+    plots.isoflop_profiles(iso, tmp_path / 'isoflops.png'),
+    plots.scaling_residuals(N, D, L, TRUTH, tmp_path / 'residuals.png'),
   ]
   for path in paths:
     data = path.read_bytes()
