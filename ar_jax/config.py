@@ -98,14 +98,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.dcn_data = 1
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
-  # Logical axis name -> mesh axes. A name not listed is replicated.
-  c.sharding_rules = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('vocab', 'tensor'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
-  )
+  # (logical axis name, mesh axes) pairs read ahead of the model family's own RULES and the
+  # shared ones (ar_jax/sharding.py), e.g. (('mlp', None),) keeps MLPs whole. A name no
+  # rule lists is replicated.
+  c.sharding_rules = ()
 
   c.sample = ml_collections.ConfigDict()  # the sample written at the end of training
   c.sample.prompt = '\n'

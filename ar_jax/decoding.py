@@ -3,7 +3,8 @@ the full forward, is in scoring.py).
 
 Strategies: greedy (temperature 0), ancestral sampling, and its filters in one order:
 temperature first (softmax(logits / temperature)), then top-k, then top-p (the smallest set
-of tokens whose probability reaches p); and beam search with the GNMT length penalty.
+of tokens whose probability reaches p). Beam search, on the same prefill and loop, is in
+beam.py.
 
 Prompts of different lengths share a batch without left padding: the shortest common prefix
 is prefilled in one cached step, then every row advances one position per step, fed its own
@@ -12,8 +13,8 @@ one position (the transformer's cache keeps one index for the batch), and a recu
 sees exactly its own tokens. Nothing here knows the family: caches are copied and reordered
 along `model.cache_batch_axis`.
 
-Dimension legend: B prompts, N samples per prompt, W beams, R rows decoded together (B * N or
-B * W), P longest prompt, L = P + new tokens, C continuation, V vocab, K beam candidates.
+Dimension legend: B prompts, N samples per prompt, R rows decoded together (B * N, or B * W
+beams), P longest prompt, L = P + new tokens, V vocab.
 """
 
 import functools
@@ -29,7 +30,7 @@ from ar_jax.errors import check
 class Generation(NamedTuple):
   """Sequences laid out as their prompt, then their continuation, then zeros.
 
-  generate: [B * N] rows (sample n of prompt b is row b * N + n); beam_search: [B, W], the
+  generate: [B * N] rows (sample n of prompt b is row b * N + n); beam.search: [B, W], the
   best hypothesis first. log_probs: log p(token | prefix) of each generated token under the
   model's own distribution (no temperature, no filter), 0 at prompt and padding positions.
   lengths: prompt + continuation, an end-of-sequence token included. scores: the sum of
@@ -68,11 +69,6 @@ def sample_token(
   return jax.random.categorical(rng, filtered).astype(jnp.int32)
 
 
-def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
-  """GNMT's ((5 + length) / 6) ** alpha (Wu et al. 2016); beam scores are log p divided by it."""
-  return ((5.0 + length) / 6.0) ** alpha
-
-
 def generate(
   model: Any,
   params: Any,
@@ -97,7 +93,7 @@ def generate(
   check(top_k >= 0, f'top_k must be >= 0, got {top_k}')
   check(0.0 < top_p <= 1.0, f'top_p must be in (0, 1], got {top_p}')
   check(num_samples >= 1, f'num_samples must be positive, got {num_samples}')
-  prompts_BP, lengths_B, shortest = _checked_prompts(
+  prompts_BP, lengths_B, shortest = checked_prompts(
     model, prompts_BP, prompt_lengths, max_new_tokens
   )
   return _generate(
@@ -112,51 +108,11 @@ def generate(
     temperature=float(temperature),
     top_k=top_k,
     top_p=float(top_p),
-    eos_id=_eos(eos_id),
+    eos_id=eos_arg(eos_id),
   )
 
 
-def beam_search(
-  model: Any,
-  params: Any,
-  prompts_BP: jax.Array,
-  max_new_tokens: int,
-  *,
-  beam_size: int,
-  length_penalty_alpha: float = 0.6,
-  prompt_lengths: Any = None,
-  eos_id: int | None = None,
-) -> Generation:
-  """The beam_size best continuations of each prompt, [B, W], best first.
-
-  A hypothesis ends at eos_id (kept, included in its length) or after max_new_tokens; its
-  score is its log-probability divided by length_penalty(new tokens, alpha). A prompt's
-  search stops once no unfinished beam can beat its W-th finished hypothesis.
-  """
-  check(beam_size >= 1, f'beam_size must be positive, got {beam_size}')
-  # Log-probabilities only fall as a beam grows, so with alpha >= 0 a beam's score now,
-  # divided by the longest length's penalty, bounds every score it can reach: the stop rule.
-  check(
-    length_penalty_alpha >= 0.0,
-    f'the length penalty alpha must be >= 0, got {length_penalty_alpha}',
-  )
-  prompts_BP, lengths_B, shortest = _checked_prompts(
-    model, prompts_BP, prompt_lengths, max_new_tokens
-  )
-  return _beam_search(
-    model,
-    params,
-    prompts_BP,
-    lengths_B,
-    max_new_tokens=max_new_tokens,
-    shortest=shortest,
-    beam_size=beam_size,
-    alpha=float(length_penalty_alpha),
-    eos_id=_eos(eos_id),
-  )
-
-
-def _eos(eos_id: int | None) -> jax.Array:
+def eos_arg(eos_id: int | None) -> jax.Array:
   """An argument, not a compile-time constant; -1 (no token id) for none."""
   return jnp.int32(-1 if eos_id is None else eos_id)
 
@@ -172,7 +128,7 @@ def checked_lengths(lengths: Any, batch: int, width: int, what: str) -> np.ndarr
   return lengths_B
 
 
-def _checked_prompts(model, prompts_BP, prompt_lengths, max_new_tokens):
+def checked_prompts(model, prompts_BP, prompt_lengths, max_new_tokens):
   """(prompts cut to the longest, lengths [B], the shortest length), checked against the
   model's context."""
   prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
@@ -190,7 +146,7 @@ def _checked_prompts(model, prompts_BP, prompt_lengths, max_new_tokens):
   return prompts_BP[:, :P], jnp.asarray(lengths_B, jnp.int32), int(lengths_B.min())
 
 
-def _prefill(model, params, prompts_BP, lengths_B, max_new_tokens, shortest):
+def prefill(model, params, prompts_BP, lengths_B, max_new_tokens, shortest):
   """(prompts [B, L], zeros past each length; logits [B, V] for position `shortest`; cache)."""
   B, P = prompts_BP.shape
   L = P + max_new_tokens
@@ -203,13 +159,13 @@ def _prefill(model, params, prompts_BP, lengths_B, max_new_tokens, shortest):
   return prompts_BL, logits_BTV[:, -1], cache
 
 
-def _repeat_rows(model, cache, n):
+def repeat_rows(model, cache, n):
   """The cache with each row repeated n times in place (row b becomes rows b*n .. b*n+n-1)."""
   axis = model.cache_batch_axis
   return jax.tree.map(lambda a: a if a.ndim == 0 else jnp.repeat(a, n, axis=axis), cache)
 
 
-def _decode(model, params, choose, state, cache, logits_RV, start, stop):
+def decode_loop(model, params, choose, state, cache, logits_RV, start, stop):
   """Runs choose(t, logits_RV, state, cache) -> (state, cache, tokens_R, all_done) at
   position start, then at each later position after feeding it the tokens it chose, in one
   compiled loop, until every row is done or position stop. Returns the last state."""
@@ -254,14 +210,14 @@ def _generate(
   top_p,
   eos_id,
 ):
-  prompts_BL, logits_BV, cache = _prefill(
+  prompts_BL, logits_BV, cache = prefill(
     model, params, prompts_BP, lengths_B, max_new_tokens, shortest
   )
   # The samples of a prompt share its prefill: rows are copied after it, not before.
   prompts_RL, logits_RV, prompt_R = (
     jnp.repeat(a, num_samples, axis=0) for a in (prompts_BL, logits_BV, lengths_B)
   )
-  cache = _repeat_rows(model, cache, num_samples)
+  cache = repeat_rows(model, cache, num_samples)
   limit_R = prompt_R + max_new_tokens
 
   def choose(t, logits_RV, state, cache):
@@ -285,92 +241,69 @@ def _generate(
     prompt_R,
     jnp.zeros(prompt_R.shape, bool),
   )
-  tokens_RL, log_probs_RL, lengths_R, _ = _decode(
+  tokens_RL, log_probs_RL, lengths_R, _ = decode_loop(
     model, params, choose, state, cache, logits_RV, shortest, prompts_RL.shape[1]
   )
   return Generation(tokens_RL, log_probs_RL, lengths_R, log_probs_RL.sum(-1))
 
 
-class _Beams(NamedTuple):
-  """Per prompt: W unfinished beams (score: their log-probability) and the W best finished
-  hypotheses (score: divided by the length penalty), each best first."""
+@functools.partial(jax.jit, static_argnames=('model', 'num_new', 'cached', 'temperature'))
+def sample_loop(
+  model: Any,
+  params: Any,
+  prompt_BP: jax.Array,
+  rng: jax.Array,
+  *,
+  num_new: int,
+  cached: bool,
+  temperature: float = 1.0,
+) -> jax.Array:
+  """The prompt and num_new tokens sampled the plain way, [B, P + num_new]; the token at
+  position t is drawn with the key fold_in(rng, t), so both ways of computing the logits
+  draw alike: the check on a family's cache, and the baseline its speed is measured against.
 
-  alive_tokens: jax.Array  # [B, W, L]
-  alive_log_probs: jax.Array  # [B, W, L]
-  alive_scores: jax.Array  # [B, W]
-  finished: Generation  # [B, W, ...]
+  cached=True: one prefill, then one cached step per token (for WaveNet, Fast WaveNet).
+  cached=False: the full forward over the whole sequence buffer for every new token.
+  """
+  P = prompt_BP.shape[1]
+  tokens_BL = jnp.pad(prompt_BP.astype(jnp.int32), ((0, 0), (0, num_new)))
+
+  def draw(t, logits_BV, tokens_BL):
+    token_B = sample_token(logits_BV, jax.random.fold_in(rng, t), temperature, 0, 1.0)
+    return tokens_BL.at[:, t].set(token_B)
+
+  if not cached:
+
+    def naive(t, tokens_BL):
+      logits_BLV = model.apply({'params': params}, tokens_BL)
+      return draw(t, jax.lax.dynamic_index_in_dim(logits_BLV, t - 1, 1, keepdims=False), tokens_BL)
+
+    return jax.lax.fori_loop(P, P + num_new, naive, tokens_BL)
+
+  step = functools.partial(model.apply, {'params': params}, method=model.step)
+  logits_BPV, cache = step(prompt_BP, model.init_cache(prompt_BP.shape[0], P + num_new))
+  tokens_BL = draw(P, logits_BPV[:, -1], tokens_BL)
+
+  def fast(t, carry):
+    tokens_BL, cache = carry
+    logits_B1V, cache = step(jax.lax.dynamic_slice_in_dim(tokens_BL, t - 1, 1, axis=1), cache)
+    return draw(t, logits_B1V[:, 0], tokens_BL), cache
+
+  return jax.lax.fori_loop(P + 1, P + num_new, fast, (tokens_BL, cache))[0]
 
 
-@functools.partial(
-  jax.jit, static_argnames=('model', 'max_new_tokens', 'shortest', 'beam_size', 'alpha')
-)
-def _beam_search(
-  model, params, prompts_BP, lengths_B, *, max_new_tokens, shortest, beam_size, alpha, eos_id
-):
-  prompts_BL, logits_BV, cache = _prefill(
-    model, params, prompts_BP, lengths_B, max_new_tokens, shortest
-  )
-  (B, L), W = prompts_BL.shape, beam_size
-  logits_RV = jnp.repeat(logits_BV, W, axis=0)
-  cache = _repeat_rows(model, cache, W)
-  limit_B = lengths_B + max_new_tokens
-  best_penalty = length_penalty(max_new_tokens, alpha)
-
-  def take(a_BK, index_BW):
-    """Entries [b, index[b, w]] of a [B, K, ...] array."""
-    return jax.vmap(lambda a, i: a[i])(a_BK, index_BW)
-
-  def choose(t, logits_RV, beams, cache):
-    V = logits_RV.shape[-1]
-    in_prompt_B = t < lengths_B
-    log_p_BWV = jax.nn.log_softmax(logits_RV).reshape(B, W, V)
-    # Inside its prompt, a row's one continuation is its prompt token, at no cost.
-    forced_BV = jnp.where(jnp.arange(V) == prompts_BL[:, t, None], 0.0, -jnp.inf)
-    log_p_BWV = jnp.where(in_prompt_B[:, None, None], forced_BV[:, None], log_p_BWV)
-    # 2W candidates: at most W of them end here (one eos per beam), so W can go on.
-    candidates_BK, index_BK = jax.lax.top_k(
-      (beams.alive_scores[:, :, None] + log_p_BWV).reshape(B, W * V), min(2 * W, W * V)
-    )
-    beam_BK, token_BK = index_BK // V, (index_BK % V).astype(jnp.int32)
-    tokens_BKL = take(beams.alive_tokens, beam_BK).at[:, :, t].set(token_BK)
-    log_probs_BKL = (
-      take(beams.alive_log_probs, beam_BK)
-      .at[:, :, t]
-      .set(jnp.take_along_axis(log_p_BWV.reshape(B, W * V), index_BK, axis=1))
-    )
-    ends_BK = ~in_prompt_B[:, None] & ((token_BK == eos_id) | (t + 1 >= limit_B)[:, None])
-
-    alive_scores, pick_BW = jax.lax.top_k(jnp.where(ends_BK, -jnp.inf, candidates_BK), W)
-    rows_R = (jnp.arange(B)[:, None] * W + take(beam_BK, pick_BW)).reshape(-1)
-    cache = jax.tree.map(
-      lambda a: a if a.ndim == 0 else jnp.take(a, rows_R, axis=model.cache_batch_axis), cache
-    )
-
-    new_B = t + 1 - lengths_B
-    ended_BK = jnp.where(ends_BK, candidates_BK / length_penalty(new_B, alpha)[:, None], -jnp.inf)
-    pool = Generation(
-      tokens=jnp.concatenate([beams.finished.tokens, tokens_BKL], 1),
-      log_probs=jnp.concatenate([beams.finished.log_probs, log_probs_BKL], 1),
-      lengths=jnp.concatenate(
-        [beams.finished.lengths, jnp.broadcast_to(t + 1, ends_BK.shape).astype(jnp.int32)], 1
-      ),
-      scores=jnp.concatenate([beams.finished.scores, ended_BK], 1),
-    )
-    finished_scores, keep_BW = jax.lax.top_k(pool.scores, W)
-    finished = Generation(*(take(a, keep_BW) for a in pool[:3]), finished_scores)
-
-    beams = _Beams(take(tokens_BKL, pick_BW), take(log_probs_BKL, pick_BW), alive_scores, finished)
-    done_B = (t + 1 >= limit_B) | (finished_scores[:, -1] >= alive_scores[:, 0] / best_penalty)
-    return beams, cache, beams.alive_tokens[:, :, t].reshape(-1), jnp.all(done_B)
-
-  tokens_BWL = jnp.repeat(prompts_BL[:, None], W, axis=1)
-  # One live beam per prompt at first: the copies would only repeat its candidates.
-  alive_scores = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
-  empty = Generation(
-    tokens=tokens_BWL,
-    log_probs=jnp.zeros(tokens_BWL.shape, jnp.float32),
-    lengths=jnp.zeros((B, W), jnp.int32),
-    scores=jnp.full((B, W), -jnp.inf),
-  )
-  beams = _Beams(tokens_BWL, empty.log_probs, alive_scores, empty)
-  return _decode(model, params, choose, beams, cache, logits_RV, shortest, L).finished
+def sample_images(
+  model: Any,
+  params: Any,
+  rng: jax.Array,
+  num_images: int,
+  image_shape: tuple[int, int, int],
+  bos_id: int,
+  temperature: float = 1.0,
+) -> np.ndarray:
+  """Whole images, [num_images, H, W, C], drawn sub-pixel by sub-pixel in raster order after
+  BOS: the token layout of the 'pixel' tokenizer (ar_jax/data/images.py)."""
+  bos_B1 = jnp.full((num_images, 1), bos_id, jnp.int32)
+  n = int(np.prod(image_shape))
+  tokens = generate(model, params, bos_B1, n, rng, temperature=temperature).tokens
+  return np.asarray(tokens[:, 1:]).reshape(num_images, *image_shape).astype(np.uint8)

@@ -50,7 +50,7 @@ class Evaluator:
     between batches, with at most two batches in flight, so a stop request is prompt)."""
     cfg = self.run.config
     sums = []
-    with sharding.context(self.run.mesh, cfg.sharding_rules):
+    with sharding.context(self.run.mesh, self.run.rules):
       for tokens in self.run.streams.eval.values():
         for batch, weights in pipeline.eval_batches(
           tokens,

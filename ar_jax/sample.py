@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ar_jax import cli, decoding, workdir
+from ar_jax import beam, cli, decoding, workdir
 from ar_jax.data.tokenizers import decode_utf8
 from ar_jax.errors import check
 
@@ -73,7 +73,7 @@ def continuations(f: flags.FlagValues, model, params, tokenizer, prompts: list[s
   common = dict(prompt_lengths=lengths, eos_id=tokenizer.eos_id)
   if f.beam_size > 1:
     check(n_samples <= f.beam_size, f'--num_samples={n_samples} exceeds --beam_size={f.beam_size}')
-    out = decoding.beam_search(
+    out = beam.search(
       model,
       params,
       prompts_BP,

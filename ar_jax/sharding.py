@@ -69,24 +69,63 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+# The rules every family shares, read after the family's own. A name may have several
+# rules: the first whose mesh axes are free (and divide the dimension) applies, so
+# ('vocab', 'fsdp') shards an output head over fsdp when tensor is taken by its other axis.
+SHARED_RULES = (
+  ('vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('vocab', 'fsdp'),
+)
+
+
+def rules(overrides: Sequence, family_rules: Sequence) -> tuple[tuple[str, Any], ...]:
+  """The rules table: overrides, the batch over (data, fsdp), a family's rules, the shared
+  ones. The batch comes before the family's names, so an activation [batch, ..., width]
+  keeps fsdp for its batch and leaves its width whole."""
+  table = (*overrides, ('batch', BATCH_AXES), *family_rules, *SHARED_RULES)
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in table)
+
+
 def logical_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for a tree whose leaves are boxed with logical axis names.
+  """NamedShardings for a tree whose leaves are boxed with logical axis names."""
+  return jax.tree.map(
+    lambda leaf: (
+      NamedSharding(mesh, spec(leaf.names, leaf.value.shape, mesh, rules))
+      if isinstance(leaf, nn.Partitioned)
+      else replicated(mesh)
+    ),
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
-  A dimension the mesh axes do not divide (a 65-character vocabulary over 8 tensor shards)
-  stays replicated rather than failing: the rules describe intent, the shapes decide.
+
+def spec(
+  names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence
+) -> PartitionSpec:
+  """The PartitionSpec of an array whose axes have logical `names`.
+
+  The rules are read in order; a rule applies to an axis not yet placed when its mesh axes
+  are unused by the array's other axes and divide the axis's size. Mesh axes of size 1 are
+  left out: they split nothing, and a later rule may place the axis where it does. So a
+  dimension no rule can divide (a 65-character vocabulary over 8 shards) stays whole rather
+  than failing: the rules describe intent, the shapes decide.
   """
-  specs = nn.get_partition_spec(tree)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
-  return jax.tree.map(_divisible, nn.unbox(tree), shardings)
-
-
-def _divisible(leaf, named: NamedSharding) -> NamedSharding:
-  spec = []
-  for size, axes in zip(leaf.shape, tuple(named.spec) + (None,) * leaf.ndim, strict=False):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    shards = math.prod(named.mesh.shape[a] for a in names)
-    spec.append(axes if size % shards == 0 else None)
-  return NamedSharding(named.mesh, PartitionSpec(*spec))
+  placed: list[Any] = [None] * len(names)
+  used: set[str] = set()
+  for name, axes in rules:
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1)
+    for i, axis_name in enumerate(names):
+      if (
+        axis_name == name
+        and axes
+        and placed[i] is None
+        and not used & set(axes)
+        and shape[i] % math.prod(mesh.shape[a] for a in axes) == 0
+      ):
+        placed[i] = axes[0] if len(axes) == 1 else axes
+        used |= set(axes)
+  return PartitionSpec(*placed)
 
 
 @contextlib.contextmanager

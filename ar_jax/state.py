@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ar_jax import sharding
+from ar_jax import models, sharding
 
 
 @flax.struct.dataclass
@@ -39,7 +39,7 @@ def abstract_state(
 ) -> tuple[TrainState, TrainState]:
   """(shape-only state carrying its shardings, the shardings), materialising nothing."""
   boxed = jax.eval_shape(init_fn(model, tx, config, unbox=False), jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+  shardings = sharding.logical_shardings(boxed, mesh, models.sharding_rules(config))
   if config.stateful:  # the carry's rows follow the batch's
     by_batch = sharding.batch_sharding(mesh, leading_dims=model.cache_batch_axis)
     shardings = shardings.replace(

@@ -61,7 +61,7 @@ def train_step(
       return model.apply({'params': params}, tokens_BT, *cache, rngs={'dropout': rng}, **kw)
 
     inputs_BT = micro_BT[:, :-1]
-    if eps is not None and getattr(model, 'sequential', False):  # exact, one step at a time
+    if eps is not None and model.sequential:  # exact, one step at a time
       cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
       step = lambda t_B1, c, t: apply(
         t_B1, jax.lax.stop_gradient(c), rng=jax.random.fold_in(dropout_rng, t), method=model.step
@@ -88,7 +88,7 @@ def train_step(
     split = lambda x, axis=0: jnp.moveaxis(
       x.reshape(*x.shape[:axis], -1, accum_steps, *x.shape[axis + 1 :]), axis + 1, 0
     )
-    axis = getattr(model, 'cache_batch_axis', 0)
+    axis = model.cache_batch_axis
     carries = jax.tree.map(lambda c: split(c, axis) if c.ndim else c, state.carry)
 
     def micro(grads_sum, inputs):
@@ -126,7 +126,7 @@ def train_steps(state: state_lib.TrainState, batches_KBT: jax.Array, **step_kwar
 def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_lib.TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
   init = state_lib.init_fn(run.model, run.tx, run.config, unbox=True)
-  with sharding.context(run.mesh, run.config.sharding_rules):
+  with sharding.context(run.mesh, run.rules):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.seed))
 
 
@@ -165,7 +165,7 @@ class Trainer:
     if k not in self._compiled:
       with (
         self.stopwatch.excluded(),
-        sharding.context(self.run.mesh, self.run.config.sharding_rules),
+        sharding.context(self.run.mesh, self.run.rules),
       ):
         self._compiled[k] = self.jitted_train.lower(state, batches_KBT).compile()
     return self._compiled[k]

@@ -83,6 +83,11 @@ class Run:
   def tokenizer(self) -> tokenizers.Tokenizer:
     return self.streams.tokenizer
 
+  @property
+  def rules(self) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules that place this run's arrays on its mesh."""
+    return models.sharding_rules(self.config)
+
 
 def setup(
   config: ml_collections.ConfigDict,

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import data, decoding, metrics, plots, study, workdir
+from ar_jax import beam, data, decoding, metrics, plots, study, workdir
 from ar_jax.config import parse_arg
 from experiments import shakespeare_char
 
@@ -69,7 +69,7 @@ def measure(model, params, tokenizer, prompts: list[str], new_tokens: int, seed:
   rows = []
   for name, settings in STRATEGIES.items():
     if settings.get('beam', 1) > 1:
-      out = decoding.beam_search(
+      out = beam.search(
         model, params, ids, new_tokens, beam_size=settings['beam'], eos_id=tokenizer.eos_id
       )
       out = jax.tree.map(lambda a: a[:, 0], out)  # the best beam of each prompt

@@ -14,7 +14,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import REPO, write_corpus  # noqa: E402
 
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
@@ -30,20 +30,4 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture
 def text_file(tmp_path) -> pathlib.Path:
   """A small English-like text file for fast end-to-end runs."""
-  words = [
-    'the',
-    'quick',
-    'brown',
-    'fox',
-    'jumps',
-    'over',
-    'the',
-    'lazy',
-    'dog',
-    'and',
-    'runs',
-  ]
-  lines = [' '.join(words[i % 7 :] + words[: i % 7]) for i in range(400)]
-  path = tmp_path / 'corpus.txt'
-  path.write_text('\n'.join(lines) + '\n')
-  return path
+  return write_corpus(tmp_path / 'corpus.txt')

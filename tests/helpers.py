@@ -1,9 +1,20 @@
 """Helpers the tests share (no side effects: a config file may import this)."""
 
+import functools
 import json
+import math
 import pathlib
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from ar_jax import config as config_lib
+from ar_jax import models, train
+from ar_jax import state as state_lib
+from ar_jax import workdir as workdir_lib
+from ar_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,5 +48,84 @@ def tiny_config(path: pathlib.Path | str = '', **overrides):
   return c
 
 
+def write_corpus(path: pathlib.Path) -> pathlib.Path:
+  """A small English-like text file for fast end-to-end runs, at path."""
+  words = ['the', 'quick', 'brown', 'fox', 'jumps', 'over', 'the', 'lazy', 'dog', 'and', 'runs']
+  lines = [' '.join(words[i % 7 :] + words[: i % 7]) for i in range(400)]
+  path.write_text('\n'.join(lines) + '\n')
+  return path
+
+
 def read_jsonl(path) -> list[dict]:
   return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def family_config(path: pathlib.Path | str, family: str, **overrides):
+  """tiny_config with the first of the family's TINY models (its contract test config)."""
+  c = tiny_config(path, **overrides)
+  model = next(iter(models.tiny_configs(family).values()))
+  c.model = model.copy_and_resolve_references()
+  for key, value in overrides.items():
+    if key.startswith('model.'):
+      c.model[key.removeprefix('model.')] = value
+  return c
+
+
+def one_step(cfg, workdir, initial=None):
+  """(state after one train step, its loss) from the config's first batch, through the real
+  trainer on the config's mesh; from `initial` (placed on that mesh) if given, else from
+  the config's own initial parameters (returned as the third value)."""
+  run = workdir_lib.setup(cfg, str(workdir))
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
+  if initial is None:
+    initial = train.init_state(run, shardings)
+  # A copy: the step donates its input, and `initial` may be used again.
+  state = jax.device_put(jax.tree.map(jnp.copy, initial), shardings)
+  it = pipeline.train_iterator(
+    run.streams.train,
+    batch_size=cfg.batch_size,
+    seq_len=cfg.data.seq_len,
+    seed=0,
+    sampling='random',
+  )
+  state, metrics = train.Trainer(run, shardings).train(state, next(it)[None])
+  return state, float(metrics['loss'][0]), initial
+
+
+@functools.cache
+def random_model(name: str, vocab_size: int, variant: str = '', seed: int = 0, **overrides):
+  """A TINY model of family `name` (its first variant by default), with random_params."""
+  tiny = models.tiny_configs(name)
+  config = tiny[variant or next(iter(tiny))]
+  config.update(overrides)
+  model = models.get_model(config, vocab_size)
+  return model, random_params(model, seed)
+
+
+def random_params(model, seed: int = 0):
+  """Parameters for `model` drawn with numpy, which skips compiling the initializers (seconds
+  on CPU); any parameters make a model. Matrices get variance 1 / fan-in (taking every axis
+  but the last as input), so logits stay of order one however deep the family's stack."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(0.0, 1 / math.sqrt(math.prod(s.shape[:-1])), s.shape), s.dtype
+    ),
+    nn.unbox(shapes['params']),
+  )
+
+
+def position_jacobian(model, params, tokens_BT) -> np.ndarray:
+  """[T, T]: |d (the logits at position t) / d (the embeddings of position s)|, summed over
+  rows and embedding width, the logits projected on a random vector over the vocabulary
+  (logits that are -inf, never predicted, left out)."""
+  embeddings = model.apply({'params': params}, tokens_BT, method=model.embed)
+  weights_V = jax.random.normal(jax.random.key(1), (model.config.vocab_size,))
+
+  def projected_T(x):
+    logits_BTV = model.apply({'params': params}, tokens_BT, x)
+    return (jnp.where(jnp.isfinite(logits_BTV), logits_BTV, 0.0) @ weights_V).sum(0)
+
+  jac_TBTE = jax.jit(jax.jacrev(projected_T))(embeddings)
+  return np.abs(np.asarray(jac_TBTE)).sum(axis=(1, 3))

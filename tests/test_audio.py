@@ -55,8 +55,8 @@ def test_wavenet_learns_synthetic_audio(tmp_path):
   c.model.skip_channels = c.model.head_channels = 32
   c.mesh.data = 1
   c.data.seq_len, c.batch_size = 128, 8
-  c.num_train_steps, c.optim.warmup_steps, c.optim.learning_rate = 80, 5, 1e-2
-  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 80
+  c.num_train_steps, c.optim.warmup_steps, c.optim.learning_rate = 120, 5, 1e-2
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 120
   c.eval_batches, c.sample.max_new_tokens = 4, 32
   final = train.train_and_evaluate(c, str(tmp_path))
   # Uniform over 256 levels is 8 bits per sample (one mu-law byte). Each level has its own

@@ -2,65 +2,34 @@
 
 import functools
 import itertools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import decoding, models, scoring
+from ar_jax import beam, decoding, models, scoring
 from ar_jax.errors import ConfigError
+from tests.helpers import random_model
 
 V = 11
-# Small sizes by family (fast to compile); a family not named here runs with its defaults.
-TINY = {
-  'transformer': dict(num_layers=2, num_heads=2, d_model=16, max_len=24),
-  'rnn': dict(num_layers=2, d_embed=16, d_hidden=16),
-  'conv': dict(channels=16, layers_per_block=3, skip_channels=16, head_channels=16),
-  'pixelcnn': dict(num_layers=2, features=16, head_features=16),
-}
-FAMILIES = [(name, ()) for name in models.available()]
-
-
-@functools.cache
-def tiny_model(name: str, vocab_size: int, seed: int = 0, overrides: tuple = ()):
-  """A small model of family `name`, with random parameters.
-
-  Any parameters make a model; drawing them with numpy skips compiling the initializers,
-  which takes seconds on CPU. Matrices get variance 1 / fan-in (taking every axis but the
-  last as input), so logits stay of order one however deep the family's stack.
-  """
-  given = {'name': name, **TINY.get(name, {}), **dict(overrides)}
-  model = models.get_model(ml_collections.ConfigDict(given), vocab_size)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(
-    lambda s: jnp.asarray(
-      rng.normal(0.0, 1 / math.sqrt(math.prod(s.shape[:-1])), s.shape), s.dtype
-    ),
-    nn.unbox(shapes['params']),
-  )
-  return model, params
+FAMILIES = [(name, '') for name in models.available()]
 
 
 @pytest.fixture(scope='module', params=FAMILIES, ids=lambda f: f[0])
 def family(request):
-  name, overrides = request.param
-  return tiny_model(name, V, overrides=overrides)
+  return random_model(request.param[0], V)
 
 
 # Copying and reordering caches (samples, beams) also on a cache whose batch axis is not 0.
 @pytest.fixture(
   scope='module',
-  params=[*FAMILIES, ('transformer', (('scan_layers', True),))],
-  ids=lambda f: '-'.join([f[0], *(k for k, _ in f[1])]),
+  params=[*FAMILIES, ('transformer', 'sinusoidal_scanned')],
+  ids=lambda f: '-'.join(filter(None, f)),
 )
 def family_and_layout(request):
-  name, overrides = request.param
-  return tiny_model(name, V, overrides=overrides)
+  name, variant = request.param
+  return random_model(name, V, variant)
 
 
 PROMPTS = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
@@ -140,23 +109,21 @@ def test_sampled_and_beam_log_probs_equal_the_teacher_forced_score(family_and_la
   assert not np.array_equal(samples[0::2], samples[1::2]), 'the samples of each prompt agree'
   assert not np.array_equal(sample(jax.random.key(2), eos_id=eos).tokens, out.tokens)
 
-  beams = decoding.beam_search(
-    model, params, PROMPTS, NEW, beam_size=2, prompt_lengths=LENGTHS, eos_id=eos
-  )
+  beams = beam.search(model, params, PROMPTS, NEW, beam_size=2, prompt_lengths=LENGTHS, eos_id=eos)
   total, new = check_against_score(model, params, beams, *rows)
-  penalized = total / decoding.length_penalty(new, 0.6)
+  penalized = total / beam.length_penalty(new, 0.6)
   np.testing.assert_allclose(np.asarray(beams.scores).reshape(-1), penalized, atol=1e-4)
   assert (beams.scores[:, 0] >= beams.scores[:, 1]).all()
 
 
 def test_greedy_equals_beam_of_one_top_k_one_and_a_tiny_top_p():
-  model, params = tiny_model('transformer', V)
-  beam = decoding.beam_search(
+  model, params = random_model('transformer', V)
+  one_beam = beam.search(
     model, params, PROMPTS, NEW, beam_size=1, length_penalty_alpha=0.0, prompt_lengths=LENGTHS
   )
   # Beam search without an end-of-sequence token: with one, a beam of one keeps a hypothesis
   # that ended at an eos ranked second, and greedy decoding does not.
-  beam_tokens = np.asarray(beam.tokens[:, 0])
+  beam_tokens = np.asarray(one_beam.tokens[:, 0])
   eos = int(beam_tokens[0, LENGTHS[0] + 2])  # the third token generated in the first row
   run = functools.partial(
     decoding.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, eos_id=eos
@@ -212,12 +179,12 @@ def test_beam_search_returns_the_top_w_of_brute_force_enumeration():
   tokens) must find exactly the 9 best of the 40 hypotheses, with and without a length
   penalty, for prompts of different lengths."""
   eos, new, W = 3, 3, 9
-  model, params = tiny_model('transformer', 4, seed=1)
+  model, params = random_model('transformer', 4, seed=1)
   prompts, lengths = np.array([[2, 0], [1, 2]]), np.array([1, 2])
   log_p = [brute_force(model, params, prompts[b, :P], new, eos, 5) for b, P in enumerate(lengths)]
   assert [len(h) for h in log_p] == [40, 40]
   for alpha in (0.0, 1.5):
-    beams = decoding.beam_search(
+    beams = beam.search(
       model,
       params,
       prompts,
@@ -237,8 +204,8 @@ def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
   hypotheses have ended after two steps, yet under a strong length penalty a longer one
   wins: the search must go on while an unfinished beam could still beat them."""
   eos, new, alpha = 1, 8, 2.0
-  model, params = tiny_model('transformer', 2, seed=1)
-  beams = decoding.beam_search(
+  model, params = random_model('transformer', 2, seed=1)
+  beams = beam.search(
     model, params, np.array([[0]]), new, beam_size=2, length_penalty_alpha=alpha, eos_id=eos
   )
   log_p = brute_force(model, params, [0], new, eos, 1 + new)
@@ -305,10 +272,8 @@ def test_temperature_scales_before_top_k():
 
 
 def test_more_tokens_than_the_context_is_refused():
-  model, params = tiny_model('transformer', V)
-  with pytest.raises(ConfigError, match="= 25 exceeds the model's context of 24 positions"):
-    decoding.generate(model, params, jnp.zeros((1, 5), jnp.int32), 20, jax.random.key(0))
+  model, params = random_model('transformer', V)
+  with pytest.raises(ConfigError, match="= 33 exceeds the model's context of 32 positions"):
+    decoding.generate(model, params, jnp.zeros((1, 5), jnp.int32), 28, jax.random.key(0))
   with pytest.raises(ConfigError, match=r'prompt_lengths must be in \[0, 5\]'):
-    decoding.beam_search(
-      model, params, jnp.zeros((2, 5), jnp.int32), 4, beam_size=2, prompt_lengths=[2, 6]
-    )
+    beam.search(model, params, jnp.zeros((2, 5), jnp.int32), 4, beam_size=2, prompt_lengths=[2, 6])

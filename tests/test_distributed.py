@@ -1,7 +1,8 @@
-"""Sharded training on 8 simulated CPU devices equals one device, for every family; gradient
-accumulation, remat and bfloat16; checkpoints across meshes; multi-process runs."""
+"""Sharding beyond the contract suite (tests/test_contract.py): the transformer's rules, memory
+under FSDP, bfloat16, checkpoints across meshes, multi-process runs, sampling an FSDP model."""
 
 import ipaddress
+import json
 import os
 import pathlib
 import re
@@ -10,120 +11,90 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import checkpoint, models, train
+from ar_jax import checkpoint, sharding, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
-from ar_jax.data import pipeline
-from tests.helpers import REPO, read_jsonl, tiny_config
-
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)]
-
-
-def family_config(text_file, family, **overrides):
-  cfg = tiny_config(text_file, **overrides)
-  if family == 'rnn':
-    cfg.model = models.default_config('rnn')
-    cfg.model.num_layers, cfg.model.d_embed, cfg.model.d_hidden = 2, 16, 16
-  else:
-    cfg.model.num_heads, cfg.model.d_model = 8, 32  # 8 heads: tensor=8 shards them
-  return cfg
-
-
-def one_step(cfg, workdir):
-  """(state after one step, its loss) from the same initial parameters and batch."""
-  run = workdir_lib.setup(cfg, str(workdir))
-  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
-  state = train.init_state(run, shardings)
-  it = pipeline.train_iterator(
-    run.streams.train,
-    batch_size=cfg.batch_size,
-    seq_len=cfg.data.seq_len,
-    seed=0,
-    sampling='random',
-  )
-  state, metrics = train.Trainer(run, shardings).train(state, next(it)[None])
-  return state, float(metrics['loss'][0])
-
-
-def assert_close(a, b, rtol=2e-5, atol=1e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
-
-
-@pytest.mark.parametrize('family', ['transformer', 'rnn'])
-def test_every_mesh_gives_the_single_device_step(text_file, tmp_path, family):
-  base, base_loss = one_step(family_config(text_file, family), tmp_path / 'one')
-  for data, fsdp, tensor in MESHES:
-    mesh = {'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}
-    state, loss = one_step(family_config(text_file, family, **mesh), tmp_path / f'{data}{fsdp}')
-    assert loss == pytest.approx(base_loss, rel=1e-5), mesh
-    assert_close(state.params, base.params)
-    embedding = state.params['embed']['embedding']
-    # (vocab, embed) -> (tensor, fsdp) where the sizes divide, as the rules say.
-    expected = tuple(
-      axis if size % n == 0 else None
-      for size, axis, n in zip(embedding.shape, ('tensor', 'fsdp'), (tensor, fsdp), strict=True)
-    )
-    assert tuple(embedding.sharding.spec) == tuple(
-      a if n > 1 else a for a, n in zip(expected, (tensor, fsdp), strict=True)
-    )
-    assert embedding.sharding.mesh.shape == {'data': data, 'fsdp': fsdp, 'tensor': tensor}
+from tests.helpers import REPO, family_config, one_step, read_jsonl, tiny_config
 
 
 def test_transformer_kernels_follow_the_rules(text_file, tmp_path):
   cfg = family_config(
     text_file, 'transformer', **{'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2}
   )
-  state, _ = one_step(cfg, tmp_path)
-  spec = lambda x: tuple(x.sharding.spec)
-  block = state.params['block_0']
+  run = workdir_lib.setup(cfg, str(tmp_path))
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
+  spec = lambda x: tuple(x.spec)
+  block = shardings.params['block_0']
   assert spec(block['mlp_in']['kernel']) == ('fsdp', 'tensor')  # (embed, mlp)
   assert spec(block['mlp_out']['kernel']) == ('tensor', 'fsdp')  # (mlp, embed)
   assert spec(block['attn']['qkv']['kernel']) == ('fsdp', None, 'tensor', None)
   assert spec(block['attn']['out']['kernel']) == ('tensor', None, 'fsdp')
-  mu = state.opt_state[1][0].mu  # AdamW's moments are sharded like their parameters
+  mu = shardings.opt_state[1][0].mu  # AdamW's moments are sharded like their parameters
   assert spec(mu['block_0']['mlp_in']['kernel']) == ('fsdp', 'tensor')
 
 
-@pytest.mark.parametrize('family', ['transformer', 'rnn'])
-def test_gradient_accumulation_equals_the_whole_batch(text_file, tmp_path, family):
-  whole, loss = one_step(family_config(text_file, family), tmp_path / 'whole')
-  cfg = family_config(text_file, family, grad_accum_steps=4)
-  accumulated, accum_loss = one_step(cfg, tmp_path / 'accum')
-  assert accum_loss == pytest.approx(loss, rel=1e-5)
-  assert_close(accumulated.params, whole.params, rtol=1e-4)
+@pytest.mark.parametrize(
+  'mesh, names, shape, expected',
+  [
+    # vocab's first rule (tensor) is taken by mlp: its fallback, fsdp.
+    ((1, 4, 2), ('mlp', 'vocab'), (64, 64), ('tensor', 'fsdp')),
+    # tensor has size 1: mlp falls through to fsdp, and vocab finds fsdp taken.
+    ((1, 8, 1), ('mlp', 'vocab'), (64, 64), ('fsdp', None)),
+    # 65 divides by no mesh axis: whole, however the rules read.
+    ((1, 4, 2), ('embed', 'vocab'), (32, 65), ('fsdp', None)),
+    # a name no rule lists, and the batch over both batch axes.
+    ((2, 4, 1), ('batch', 'length', 'embed'), (8, 16, 32), (('data', 'fsdp'), None, None)),
+  ],
+)
+def test_each_axis_takes_the_first_rule_that_is_free_and_divides_it(mesh, names, shape, expected):
+  data, fsdp, tensor = mesh
+  devices = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))
+  rules = sharding.rules((), (('mlp', 'tensor'), ('mlp', 'fsdp')))
+  assert tuple(sharding.spec(names, shape, devices, rules)) == expected
 
 
-def test_remat_equals_no_remat(text_file, tmp_path):
-  plain, loss = one_step(family_config(text_file, 'transformer'), tmp_path / 'plain')
-  cfg = family_config(text_file, 'transformer', **{'model.remat': 'full'})
-  remat, remat_loss = one_step(cfg, tmp_path / 'remat')
-  assert remat_loss == pytest.approx(loss, rel=1e-6)
-  assert_close(remat.params, plain.params)
-  # Remat is really on: the backward pass recomputes inside a checkpoint.
-  run = workdir_lib.setup(cfg, str(tmp_path / 'jaxpr'))
-  tokens = jnp.zeros((2, 8), jnp.int32)
-  params = nn.unbox(run.model.init(jax.random.key(0), tokens)['params'])
-  jaxpr = jax.make_jaxpr(jax.grad(lambda p: run.model.apply({'params': p}, tokens).sum()))(params)
-  assert 'checkpoint' in str(jaxpr) or 'remat' in str(jaxpr)
+# Large enough that the parameters and AdamW's moments dwarf everything else an 8-device
+# train step holds per device.
+MEMORY_MODELS = {
+  'lstm': dict(name='rnn', cell='lstm', num_layers=2, d_embed=32, d_hidden=128),
+  'wavenet': dict(name='conv', channels=64, layers_per_block=4, skip_channels=64),
+}
+
+
+@pytest.mark.parametrize('model', MEMORY_MODELS)
+def test_fsdp_splits_the_state_of_recurrent_and_conv_models(text_file, tmp_path, model):
+  """Trained 3 steps with fsdp=8, a device holds at most 1/6 of the parameters and optimizer
+  state that data parallelism replicates on each (XLA's memory analysis of the step)."""
+  configs = {}
+  for data, fsdp in ((1, 8), (8, 1)):
+    cfg = tiny_config(text_file, num_train_steps=3, eval_every_steps=3, checkpoint_every_steps=3)
+    cfg.model = ml_collections.ConfigDict(MEMORY_MODELS[model])
+    cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
+    configs[fsdp] = cfg
+  train.train_and_evaluate(configs[8], str(tmp_path / 'fsdp'))
+  fsdp = json.loads((tmp_path / 'fsdp' / 'final.json').read_text())
+  replicated = train.compile_only(configs[1], str(tmp_path / 'data'))  # the same step, compiled
+  key = 'memory/params_and_state_bytes'
+  assert fsdp[key] <= replicated[key] / 6, (fsdp[key], replicated[key])
 
 
 def test_bfloat16_step_is_finite_and_close_to_float32(text_file, tmp_path):
-  _, loss = one_step(family_config(text_file, 'transformer'), tmp_path / 'f32')
+  _, loss, _ = one_step(family_config(text_file, 'transformer'), tmp_path / 'f32')
   cfg = family_config(text_file, 'transformer', **{'model.dtype': 'bfloat16'})
-  state, bf16_loss = one_step(cfg, tmp_path / 'bf16')
+  state, bf16_loss, _ = one_step(cfg, tmp_path / 'bf16')
   assert np.isfinite(bf16_loss) and bf16_loss == pytest.approx(loss, rel=1e-2)
   assert state.params['embed']['embedding'].dtype == jnp.float32  # parameters stay float32
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
   cfg = family_config(text_file, 'transformer', **{'mesh.data': 4, 'mesh.fsdp': 2})
-  state, _ = one_step(cfg, tmp_path / 'run')
+  state, _, _ = one_step(cfg, tmp_path / 'run')
   saver = checkpoint.Checkpointer(str(tmp_path / 'run'), max_to_keep=1)
   saver.save(1, state, {'next_index': 1}, {})
   saver.close()

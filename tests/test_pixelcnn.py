@@ -2,16 +2,16 @@
 (sub-pixels included), the gated version's missing blind spot, cached steps and whole-image
 sampling."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import models
+from ar_jax import decoding, models
 from ar_jax.errors import ConfigError
 from ar_jax.models import pixelcnn
+from tests.helpers import position_jacobian, random_params
 
 
 def reference_mask(k, mask_type):
@@ -67,22 +67,15 @@ def make(shape=(5, 5, 1), levels=256, **fields):
   model = models.get_model(ml_collections.ConfigDict({**base, **fields}), levels + 1)
   N = H * W * C
   tokens = jax.random.randint(jax.random.key(0), (2, N), 0, levels).at[:, 0].set(levels)
-  params = nn.unbox(model.init(jax.random.key(1), tokens)['params'])
-  return model, params, tokens
+  return model, random_params(model, seed=1), tokens
 
 
 def subpixel_jacobian(model, params, tokens):
-  """[N, N]: |d (logits of sub-pixel i, summed over levels and rows) / d sub-pixel j|."""
-  L = model.config.levels
-  perturbations = model.init(jax.random.key(1), tokens)['perturbations']
-
-  def summed_logits_N(perturbation):
-    out_BNV = model.apply({'params': params, 'perturbations': perturbation}, tokens)
-    return out_BNV[..., :L].sum(axis=(0, 2))
-
-  jac = jax.jit(jax.jacrev(summed_logits_N))(perturbations)['embeddings']
-  N = tokens.shape[1]
-  return np.abs(np.asarray(jac)).sum(axis=1).reshape(N, N)
+  """[N, N]: |d (logits of sub-pixel i) / d sub-pixel j|. Position t predicts sub-pixel t
+  (counting from 0) and holds sub-pixel t - 1 after BOS: the whole image and BOS is N + 1
+  positions, the last of which predicts nothing."""
+  whole = jnp.concatenate([tokens, tokens[:, -1:]], axis=1)
+  return position_jacobian(model, params, whole)[:-1, 1:]
 
 
 @pytest.mark.parametrize('shape', [(5, 5, 1), (4, 4, 3)])
@@ -106,38 +99,20 @@ def test_causal_in_raster_order_by_gradients(gated, shape):
       assert jac_NN[2 * 5 + 1, 0 * 5 + 4] == 0.0 and jac_NN[2 * 5 + 1, 1 * 5 + 1] > 0.0
 
 
-def test_cached_steps_equal_the_full_forward_and_bos_is_never_predicted():
+def test_bos_is_never_predicted():
   model, params, tokens = make((4, 4, 3))
   full = jax.jit(lambda t: model.apply({'params': params}, t))(tokens)
   assert full.shape == (2, 48, 257)
   assert np.all(np.isneginf(full[..., 256])) and np.all(np.isfinite(full[..., :256]))
-  step = jax.jit(lambda t, c: model.apply({'params': params}, t, c, method=model.step))
-  cache, pieces = model.init_cache(2, 49), []
-  for t in range(0, 48, 4):  # one shape: one compile
-    logits, cache = step(tokens[:, t : t + 4], cache)
-    pieces.append(logits)
-  np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_sampled_images_are_whole_and_follow_the_model():
   model, params, _ = make((2, 3, 1), levels=2, num_layers=1)
   # A head that says "1" with near certainty everywhere.
   params['head']['bias'] = jnp.array([-20.0, 20.0])
-  images = pixelcnn.sample_images(model, params, jax.random.key(0), 4)
+  images = decoding.sample_images(model, params, jax.random.key(0), 4, (2, 3, 1), bos_id=2)
   assert images.shape == (4, 2, 3, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(images, 1)
-
-
-def test_flops_per_token_matches_xla_count():
-  for gated in (True, False):
-    model, params, tokens = make((6, 6, 3), gated=gated, features=12, head_features=24)
-    tokens = jnp.zeros((4, 108), jnp.int32)
-    compiled = jax.jit(lambda p, t, m=model: m.apply({'params': p}, t)).lower(params, tokens)
-    xla_flops = compiled.compile().cost_analysis()['flops']
-    ours = model.flops_per_token(108) * tokens.size
-    # XLA skips the taps that fall on the zero padding at the borders (a few % of a 6 x 6
-    # image) and adds the elementwise work (gates, ReLUs, biases) the count leaves out.
-    assert 0.95 * ours <= xla_flops <= 1.3 * ours, (gated, ours, xla_flops)
 
 
 @pytest.mark.parametrize(

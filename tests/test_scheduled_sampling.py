@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ar_jax import models, scheduled_sampling
-from tests.test_distributed import family_config, one_step
+from tests.helpers import family_config, one_step
 
 
 def schedule(name, max_prob=0.5, steps=100):
@@ -30,10 +30,10 @@ def test_schedules_rise_to_max_prob():
 
 @pytest.mark.parametrize('family', ['transformer', 'rnn'])
 def test_eps_zero_is_teacher_forcing(text_file, tmp_path, family):
-  forced, loss = one_step(family_config(text_file, family), tmp_path / 'forced')
+  forced, loss, _ = one_step(family_config(text_file, family), tmp_path / 'forced')
   cfg = family_config(text_file, family)
   cfg.scheduled_sampling.schedule, cfg.scheduled_sampling.max_prob = 'constant', 0.0
-  sampled, ss_loss = one_step(cfg, tmp_path / 'scheduled')
+  sampled, ss_loss, _ = one_step(cfg, tmp_path / 'scheduled')
   if family == 'transformer':  # two passes: the second sees exactly the true inputs
     assert ss_loss == loss
     jax.tree.map(np.testing.assert_array_equal, sampled.params, forced.params)

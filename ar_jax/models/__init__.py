@@ -1,14 +1,6 @@
-"""Models by module name: config.model.name = 'transformer' is ar_jax/models/transformer.py.
-
-Every model module defines a frozen dataclass `Config` (built from config.model, plus the
-vocabulary size the data decides) and a Flax module `Model(config)` with the contract:
-
-  __call__(tokens_BT) -> logits_BTV         teacher forcing; position t sees tokens <= t
-  init_cache(batch_size, max_len) -> cache  an empty decoding state
-  step(tokens_BT, cache) -> (logits_BTV, cache)   T new tokens (prefill, or one)
-  flops_per_token(seq_len) -> float         forward FLOPs, for MFU and compute budgets
-  max_len                                   the most positions a sequence may have (0: no limit)
-  cache_batch_axis                          the batch axis of every non-scalar cache array
+"""Model families by module name: config.model.name = 'transformer' is
+ar_jax/models/transformer.py. What a family module defines, and every member of its Model
+the rest of the package reads, is the contract in ar_jax/models/contract.py.
 """
 
 import dataclasses
@@ -22,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ar_jax import sharding
 from ar_jax.errors import ConfigError
+from ar_jax.models import contract
 
-_NOT_MODELS = frozenset({'layers'})
+_NOT_MODELS = frozenset({'cells', 'contract', 'layers'})  # modules shared by families
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 
@@ -44,7 +38,24 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 def _module(name: str):
   if name not in available():
     raise ConfigError(f'unknown model.name={name!r}; available: {", ".join(available())}')
-  return importlib.import_module(f'{__name__}.{name}')
+  module = importlib.import_module(f'{__name__}.{name}')
+  contract.check_family(module)
+  return module
+
+
+def tiny_configs(name: str) -> dict[str, ml_collections.ConfigDict]:
+  """The family's TINY variants as config.model dicts, by variant name."""
+  module = _module(name)
+  return {
+    variant: ml_collections.ConfigDict({**default_config(name), **fields})
+    for variant, fields in module.TINY.items()
+  }
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The logical-axis rules of a run: config.sharding_rules (overrides, empty by default),
+  then the model family's RULES, then the rules every family shares."""
+  return sharding.rules(config.sharding_rules, _module(config.model.name).RULES)
 
 
 def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None):

@@ -15,15 +15,30 @@ S skip channels, V vocab, K kernel taps, Q queue length of a layer.
 """
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ar_jax import decoding
 from ar_jax.errors import check
 from ar_jax.models import layers
+
+# Tensor parallelism splits the conv outputs by channel (a gated channel's filter and gate
+# are adjacent, so each shard gates its own channels), and the 1x1 layers reading them by
+# their inputs (Shoeybi et al. 2019): one all-reduce of the residual and skip sums per
+# layer. FSDP splits the residual and skip widths; the output head falls back to fsdp.
+RULES = (
+  ('conv_channels', 'tensor'),
+  ('conv_in', 'fsdp'),
+  ('conv_skip', 'fsdp'),
+  ('mlp', 'tensor'),
+  ('mlp', 'fsdp'),
+)
+_TINY = dict(channels=32, layers_per_block=3, skip_channels=32, head_channels=32)
+TINY = {
+  'wavenet': _TINY,
+  'plain': dict(_TINY, dilation_base=1, gated=False, skip_channels=0, num_blocks=2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +52,7 @@ class Config:
   gated: bool = True  # tanh(W_f * x) * sigmoid(W_g * x) (WaveNet), else ReLU(W * x)
   skip_channels: int = 128  # S: width of the summed skip connections; 0 = head reads the stack
   head_channels: int = 128  # width of the output head's hidden 1x1 layer
+  remat: str = 'none'  # recompute each layer in the backward pass: see layers.REMAT_POLICIES
   dtype: str = 'float32'  # compute dtype of convs and 1x1 layers; logits stay float32
 
   def __post_init__(self):
@@ -52,6 +68,7 @@ class Config:
       self.dtype in ('float32', 'bfloat16', 'float16'),
       f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
     )
+    layers.check_remat(self.remat)
 
   @property
   def dilations(self) -> tuple[int, ...]:
@@ -123,6 +140,38 @@ class CausalConv1D(nn.Module):
     return y_BTG + bias_G.astype(self.dtype), new_queue
 
 
+class ResidualLayer(nn.Module):
+  """One dilated causal conv, its activation, and the 1x1 layers into the residual stream and
+  the skip sum: x -> (x + residual(a), skip(a) or None, the conv's new queue)."""
+
+  config: Config
+  dilation: int
+
+  @nn.compact
+  def __call__(self, x_BTC, queue_BQC, index):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    C, S = cfg.channels, cfg.skip_channels
+    gates = 2 if cfg.gated else 1
+    z_BTG, queue = CausalConv1D(gates * C, cfg.kernel_size, self.dilation, dtype, name='conv')(
+      x_BTC, queue_BQC, index
+    )
+    if cfg.gated:  # channel c's filter and gate are outputs 2c and 2c + 1 (see RULES)
+      z_BTC2 = z_BTG.reshape(*z_BTG.shape[:-1], C, 2)
+      a_BTC = jnp.tanh(z_BTC2[..., 0]) * jax.nn.sigmoid(z_BTC2[..., 1])
+    else:
+      a_BTC = jax.nn.relu(z_BTG)
+    # Every layer adds to the residual stream and to the skip sum: 1/sqrt(layers) keeps their
+    # variance at initialisation independent of depth (as GPT-2 scales its residual branches).
+    std = (C * len(cfg.dilations)) ** -0.5
+    dense = lambda n, names, name: layers.Dense((n,), names, init_std=std, dtype=dtype, name=name)
+    x_BTC = x_BTC + dense(C, ('conv_channels', 'conv_in'), 'residual')(a_BTC).astype(jnp.float32)
+    skip_BTS = (
+      dense(S, ('conv_channels', 'conv_skip'), 'skip')(a_BTC).astype(jnp.float32) if S else None
+    )
+    return x_BTC, skip_BTS, queue
+
+
 class Model(nn.Module):
   """Embedding -> dilated causal conv layers (residual, skip) -> ReLU 1x1 head -> logits."""
 
@@ -132,56 +181,36 @@ class Model(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    C, S = cfg.channels, cfg.skip_channels
-    self.embed = layers.token_embedding(cfg.vocab_size, C, stddev=1.0)
-    self.convs = [
-      CausalConv1D(2 * C if cfg.gated else C, cfg.kernel_size, d, dtype, name=f'conv_{i}')
-      for i, d in enumerate(cfg.dilations)
-    ]
-    # Every layer adds to the residual stream and to the skip sum: 1/sqrt(layers) keeps their
-    # variance at initialisation independent of depth (as GPT-2 scales its residual branches).
-    std = (C * len(cfg.dilations)) ** -0.5
-    dense = lambda n, names, name: layers.Dense((n,), names, init_std=std, dtype=dtype, name=name)
-    self.residuals = [
-      dense(C, ('conv_in', 'conv_channels'), f'residual_{i}') for i in range(len(cfg.dilations))
-    ]
-    if S:
-      self.skips = [
-        dense(S, ('conv_in', 'conv_skip'), f'skip_{i}') for i in range(len(cfg.dilations))
-      ]
+    S = cfg.skip_channels
+    self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.channels, stddev=1.0)
+    layer = layers.remat(ResidualLayer, cfg.remat)
+    self.layers = [layer(cfg, d, name=f'layer_{i}') for i, d in enumerate(cfg.dilations)]
     self.head_hidden = layers.Dense(
-      (cfg.head_channels,), ('conv_skip', 'mlp'), init_std=(S or C) ** -0.5, dtype=dtype
+      (cfg.head_channels,), ('conv_skip', 'mlp'), init_std=(S or cfg.channels) ** -0.5, dtype=dtype
     )
     self.head = layers.Dense(
       (cfg.vocab_size,), ('mlp', 'vocab'), init_std=cfg.head_channels**-0.5, dtype=dtype
     )
 
-  def _forward(self, tokens_BT, queues, index):
-    cfg = self.config
-    x_BTC = self.embed(tokens_BT).astype(jnp.float32)
-    # A zero-valued hook: tests differentiate the logits with respect to the embeddings here.
-    x_BTC = self.perturb('embeddings', x_BTC)
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    return self.token_embed(tokens_BT).astype(jnp.float32)
+
+  def _forward(self, tokens_BT, queues, index, x_BTC=None):
+    x_BTC = self.embed(tokens_BT) if x_BTC is None else x_BTC
     skip_BTS = 0.0
     new_queues = []
-    for i, conv in enumerate(self.convs):
-      z_BTG, queue = conv(x_BTC, None if queues is None else queues[i], index)
+    for i, layer in enumerate(self.layers):
+      x_BTC, skip, queue = layer(x_BTC, None if queues is None else queues[i], index)
+      x_BTC = nn.with_logical_constraint(x_BTC, ('batch', 'length', 'conv_in'))
+      skip_BTS = skip_BTS if skip is None else skip_BTS + skip
       new_queues.append(queue)
-      if cfg.gated:
-        filter_BTC, gate_BTC = jnp.split(z_BTG, 2, axis=-1)
-        a_BTC = jnp.tanh(filter_BTC) * jax.nn.sigmoid(gate_BTC)
-      else:
-        a_BTC = jax.nn.relu(z_BTG)
-      x_BTC = x_BTC + self.residuals[i](a_BTC).astype(jnp.float32)
-      x_BTC = nn.with_logical_constraint(x_BTC, ('batch', 'length', 'conv_channels'))
-      if cfg.skip_channels:
-        skip_BTS = skip_BTS + self.skips[i](a_BTC).astype(jnp.float32)
-    out_BTS = skip_BTS if cfg.skip_channels else x_BTC
+    out_BTS = skip_BTS if self.config.skip_channels else x_BTC
     h_BTF = jax.nn.relu(self.head_hidden(jax.nn.relu(out_BTS)))
     return self.head(h_BTF).astype(jnp.float32), new_queues
 
-  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BT: jax.Array, embeddings_BTC: jax.Array | None = None) -> jax.Array:
     """Teacher forcing: logits_BTV, position t seeing tokens t - receptive_field + 1 .. t."""
-    return self._forward(tokens_BT, None, None)[0]
+    return self._forward(tokens_BT, None, None, embeddings_BTC)[0]
 
   def step(self, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens (a prefill, or one: Fast WaveNet) after the queues in `cache`."""
@@ -201,6 +230,7 @@ class Model(nn.Module):
 
   max_len = 0  # no positions: any length (context = the receptive field)
   cache_batch_axis = 0
+  sequential = False
 
   @property
   def receptive_field(self) -> int:
@@ -214,48 +244,3 @@ class Model(nn.Module):
     G = 2 * C if cfg.gated else C
     per_layer = 2 * cfg.kernel_size * C * G + 2 * C * C + 2 * C * S
     return float(len(cfg.dilations) * per_layer + 2 * (S or C) * F + 2 * F * cfg.vocab_size)
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'num_new', 'cached', 'temperature'))
-def sample(
-  model: Model,
-  params,
-  prompt_BP: jax.Array,
-  rng: jax.Array,
-  *,
-  num_new: int,
-  cached: bool,
-  temperature: float = 1.0,
-) -> jax.Array:
-  """The prompt followed by num_new sampled tokens, [B, P + num_new]; the token at position t
-  is drawn with the key fold_in(rng, t), so both ways of computing the logits draw alike.
-
-  cached=True is Fast WaveNet: one prefill, then one cached step per token. cached=False is
-  the naive way Fast WaveNet is measured and checked against: the full forward over the
-  sequence buffer for every new token.
-  """
-  B, P = prompt_BP.shape
-  tokens_BL = jnp.pad(prompt_BP.astype(jnp.int32), ((0, 0), (0, num_new)))
-
-  def draw(t, logits_BV, tokens_BL):
-    token_B = decoding.sample_token(logits_BV, jax.random.fold_in(rng, t), temperature, 0, 1.0)
-    return tokens_BL.at[:, t].set(token_B)
-
-  if not cached:
-
-    def naive(t, tokens_BL):
-      logits_BLV = model.apply({'params': params}, tokens_BL)
-      return draw(t, jax.lax.dynamic_index_in_dim(logits_BLV, t - 1, 1, keepdims=False), tokens_BL)
-
-    return jax.lax.fori_loop(P, P + num_new, naive, tokens_BL)
-
-  step = functools.partial(model.apply, {'params': params}, method=model.step)
-  logits_BPV, cache = step(prompt_BP, model.init_cache(B))
-  tokens_BL = draw(P, logits_BPV[:, -1], tokens_BL)
-
-  def fast(t, carry):
-    tokens_BL, cache = carry
-    logits_B1V, cache = step(jax.lax.dynamic_slice_in_dim(tokens_BL, t - 1, 1, axis=1), cache)
-    return draw(t, logits_B1V[:, 0], tokens_BL), cache
-
-  return jax.lax.fori_loop(P + 1, P + num_new, fast, (tokens_BL, cache))[0]

@@ -11,7 +11,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ar_jax.errors import check
+
 Dtype = jnp.dtype
+
+# model.remat: what a layer keeps for the backward pass; the rest it recomputes.
+REMAT_POLICIES = {
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str) -> None:
+  check(policy in REMAT_POLICIES, f'model.remat={policy!r}; allowed: {", ".join(REMAT_POLICIES)}')
+
+
+def remat(layer: type[nn.Module], policy: str, prevent_cse: bool = True) -> type[nn.Module]:
+  """The layer class, rematerialised under `policy` (unchanged for 'none'): activation memory
+  then grows with the layer count by the layers' inputs alone."""
+  if policy == 'none':
+    return layer
+  return nn.remat(layer, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def partitioned(init, names: Sequence[str | None]):

@@ -29,9 +29,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ar_jax import decoding
 from ar_jax.errors import check
 from ar_jax.models import layers
+
+# FSDP splits each convolution's input features, or its output features where the input
+# does not divide (the first layer reads C = 1 or 3 image channels). No tensor rule: a
+# gated layer's filter and gate halves and the masks' channel groups are contiguous blocks
+# of the features, which a split over tensor would cut across.
+RULES = (
+  ('conv_in', 'fsdp'),
+  ('conv_channels', 'fsdp'),
+)
+_TINY = dict(image_height=4, image_width=4, num_layers=2, features=32, head_features=32)
+TINY = {
+  'gated': dict(_TINY, first_kernel_size=3),
+  'plain': dict(_TINY, gated=False, first_kernel_size=3),
+  'rgb': dict(_TINY, image_height=3, image_width=3, image_channels=3, features=24),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +60,7 @@ class Config:
   kernel_size: int = 3  # k x k of the later layers (odd)
   first_kernel_size: int = 7  # k x k of the first layer (odd)
   head_features: int = 128  # the hidden 1x1 layer of the output head
+  remat: str = 'none'  # recompute each layer in the backward pass: see layers.REMAT_POLICIES
   dtype: str = 'float32'  # compute dtype of the convolutions; logits stay float32
 
   def __post_init__(self):
@@ -67,6 +82,7 @@ class Config:
       self.dtype in ('float32', 'bfloat16', 'float16'),
       f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
     )
+    layers.check_remat(self.remat)
 
   @property
   def levels(self) -> int:
@@ -140,9 +156,9 @@ class Conv2D(nn.Module):
     return y_BHWO + bias.astype(self.dtype)
 
 
-def _masked(features, k, in_groups, out_groups, mask_type, dtype, name):
+def _masked(features, k, in_groups, out_groups, mask_type, dtype, name, cls=Conv2D):
   """A k x k masked convolution ('same' size output)."""
-  return Conv2D(
+  return cls(
     features,
     (k, k),
     ((k // 2, k // 2), (k // 2, k // 2)),
@@ -209,16 +225,20 @@ class Model(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     F, C, L = cfg.features, cfg.image_channels, cfg.levels
     if cfg.gated:
+      gated_layer = layers.remat(GatedLayer, cfg.remat)
       self.layers = [
-        GatedLayer(F, cfg.first_kernel_size if i == 0 else cfg.kernel_size, C, i == 0, dtype)
+        gated_layer(F, cfg.first_kernel_size if i == 0 else cfg.kernel_size, C, i == 0, dtype)
         for i in range(cfg.num_layers + 1)
       ]
     else:
+      conv_layer = layers.remat(Conv2D, cfg.remat)
       self.first = _masked(
         F, cfg.first_kernel_size, groups(C, C), groups(F, C), 'A', dtype, 'first'
       )
       self.layers = [
-        _masked(F, cfg.kernel_size, groups(F, C), groups(F, C), 'B', dtype, f'layer_{i}')
+        _masked(
+          F, cfg.kernel_size, groups(F, C), groups(F, C), 'B', dtype, f'layer_{i}', conv_layer
+        )
         for i in range(cfg.num_layers)
       ]
     head_groups = groups(cfg.head_features, C)
@@ -233,7 +253,11 @@ class Model(nn.Module):
       C * L, (1, 1), ((0, 0), (0, 0)), mask((1, 1), head_groups, groups(C * L, C), 'B'), dtype
     )
 
-  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    """Each sub-pixel's value scaled to [-1, 1], [B, T, 1] (BOS too; __call__ drops it)."""
+    return (tokens_BT.astype(jnp.float32) * (2.0 / (self.config.levels - 1)) - 1.0)[..., None]
+
+  def __call__(self, tokens_BT: jax.Array, embeddings_BT1: jax.Array | None = None) -> jax.Array:
     """Teacher forcing on [BOS, x_1 .. x_{T-1}]: logits_BTV for x_1 .. x_T.
 
     T may be N + 1 (a whole image and BOS, as decoding holds it); the last position, past the
@@ -247,10 +271,10 @@ class Model(nn.Module):
       f'sequence length {T} exceeds BOS + the {N} sub-pixels of a '
       f'{"x".join(map(str, cfg.image_shape))} image',
     )
-    values_BN = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, N + 1 - T)))
-    # Values to [-1, 1]; padding past the input is 0 there too, and no mask lets it through.
-    x_BN = values_BN.astype(jnp.float32) * (2.0 / (L - 1)) - 1.0
-    x_BHWC = self.perturb('embeddings', x_BN.reshape(B, *cfg.image_shape))
+    x_BT1 = self.embed(tokens_BT) if embeddings_BT1 is None else embeddings_BT1
+    # Un-shifted: BOS dropped, the sub-pixels not given yet zero (no mask lets them through).
+    x_BN = jnp.pad(x_BT1[:, 1:, 0], ((0, 0), (0, N + 1 - T)))
+    x_BHWC = x_BN.reshape(B, *cfg.image_shape)
     if cfg.gated:
       v_BHWF, h_BHWF = x_BHWC, x_BHWC
       for layer in self.layers:
@@ -290,31 +314,30 @@ class Model(nn.Module):
     return self.config.num_subpixels + 1
 
   cache_batch_axis = 0
+  sequential = False
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Forward FLOPs per sub-pixel: every conv's taps (masked ones too) at every pixel, / C."""
-    del seq_len
+    """Forward FLOPs per token. The forward computes the whole image however few of its
+    sub-pixels are given; a convolution's taps count where they fall inside the image (as
+    XLA counts them), masked ones too (they are multiplied)."""
     cfg = self.config
     F, C, L, X = cfg.features, cfg.image_channels, cfg.levels, cfg.head_features
-    per_pixel = 2 * F * X + 2 * X * C * L
-    if cfg.gated:
-      for i in range(cfg.num_layers + 1):
-        k, d_in = (cfg.first_kernel_size, C) if i == 0 else (cfg.kernel_size, F)
-        half = k // 2
-        per_pixel += 2 * 2 * F * ((half + 1) * k * d_in + (half + 1) * d_in + 2 * F) + 2 * F * F
-    else:
-      per_pixel += 2 * cfg.first_kernel_size**2 * C * F
-      per_pixel += cfg.num_layers * 2 * cfg.kernel_size**2 * F * F
-    return float(per_pixel / C)
+    H, W = cfg.image_height, cfg.image_width
 
+    def taps(rows: tuple[int, int], cols: tuple[int, int]) -> int:
+      """Kernel taps inside the image, summed over all pixels, for row offsets rows[0] ..
+      rows[1] and column offsets cols[0] .. cols[1]."""
+      inside = lambda lo, hi, n: sum(min(hi, n - 1 - i) - max(lo, -i) + 1 for i in range(n))
+      return inside(*rows, H) * inside(*cols, W)
 
-def sample_images(
-  model: Model, params, rng: jax.Array, num_images: int, temperature: float = 1.0
-) -> np.ndarray:
-  """Whole images drawn pixel by pixel (sub-pixel by sub-pixel), [num_images, H, W, C]."""
-  cfg = model.config
-  bos_B1 = jnp.full((num_images, 1), cfg.levels, jnp.int32)
-  tokens = decoding.generate(
-    model, params, bos_B1, cfg.num_subpixels, rng, temperature=temperature
-  ).tokens
-  return np.asarray(tokens[:, 1:]).reshape(num_images, *cfg.image_shape).astype(np.uint8)
+    pixels = H * W
+    total = 2 * F * X * pixels + 2 * X * C * L * pixels  # the 1 x 1 head
+    for i in range(cfg.num_layers + 1):
+      k, d_in = (cfg.first_kernel_size, C) if i == 0 else (cfg.kernel_size, F)
+      half = k // 2
+      if cfg.gated:  # vertical, horizontal, vertical-to-horizontal and output convolutions
+        total += 2 * d_in * 2 * F * (taps((-half, 0), (-half, half)) + taps((0, 0), (-half, 0)))
+        total += 2 * (2 * F) ** 2 * pixels + 2 * F * F * pixels
+      else:
+        total += 2 * d_in * F * taps((-half, half), (-half, half))
+    return float(total / seq_len)

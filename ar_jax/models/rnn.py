@@ -8,7 +8,8 @@ recursion r_t = f'(a_t) * (W_y^T e_t + W_h^T r_{t+1}) on the pre-activation erro
 error on step t's logits), generalised to gated cells: the forward loop saves each step's
 activated gates, the backward loop carries the error on the state and does one matmul per
 step, and the kernels' gradients (dW_h = sum_t h_{t-1}^T dz_t) are one large matmul each
-after it, instead of an accumulation inside the loop.
+after it, instead of an accumulation inside the loop. The cells' gates and their backward
+steps are in cells.py.
 
 The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis,
 so their inputs and stacked outputs need no transposes; only the embeddings going in and
@@ -23,17 +24,34 @@ width, G gates * S, R the width of a step's saved gates, V vocab.
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers
+from ar_jax.models import cells, layers
 
 CELLS = ('elman', 'lstm', 'gru')
+
+# FSDP stores every weight split over fsdp (biases too: 4 x 512 LSTM gates is 2,048 floats);
+# RecurrentLayer gathers them before the time loops, once per step, so the loops run no
+# collective. Inside the loops the gates are laid out by 'rnn_step_gates', which no rule
+# names: every device holds all of them. Splitting them over tensor instead (the override
+# (('rnn_gates', 'tensor'), ('rnn_step_gates', 'tensor'))) leaves a [B, S] x [S, G/n]
+# matmul per time step and a collective in every step to gather h; bench/distributed_cpu.py
+# measures both. Tensor splits the output head's vocabulary.
+RULES = (
+  ('rnn_hidden', 'fsdp'),
+  ('rnn_in', 'fsdp'),
+  ('rnn_gates', 'fsdp'),
+)
+_TINY = dict(num_layers=2, d_embed=32, d_hidden=32)
+TINY = {
+  'lstm': dict(_TINY, cell='lstm'),
+  'gru': dict(_TINY, cell='gru', residual=True, layer_norm=True),
+  'elman': dict(_TINY, cell='elman', activation='relu'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +68,7 @@ class Config:
   layer_norm: bool = False  # LayerNorm on each layer's input and before the output
   dropout: float = 0.0  # between layers and before the output, never on the recurrence
   unroll: int = 1  # time steps per loop iteration of the scans (a speed knob only)
+  remat: str = 'none'  # recompute each layer's loop in the backward pass: see layers.REMAT_POLICIES
   dtype: str = 'float32'  # compute dtype of the matmuls; state and gates stay float32
 
   def __post_init__(self):
@@ -61,108 +80,7 @@ class Config:
       f'model.activation={self.activation!r}; allowed: tanh, relu',
     )
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-
-
-class Cell(NamedTuple):
-  """A recurrent cell: G projection blocks of width S, its step and the step's backward.
-
-  forward(xz_BG, hz_BG, carry) -> (new carry, saved_BR): xz is the input projection (with
-  its bias), hz = h_{t-1} @ W_h (+ recurrent bias), carry a tuple whose first entry is h,
-  and saved_BR what the backward needs of the step: the activated gates, so the backward
-  loop evaluates no nonlinearity.
-  backward(saved_BR, carry, dcarry) -> (dxz_BG, dhz_BG, dcarry_prev): given the step's
-  input carry and dcarry, the error on its new carry, the errors on the pre-activations
-  (r_t = f'(a_t) * s_t, s_t the error on the state) and on the input carry, leaving out the
-  path through W_h, which the BPTT loop adds.
-  """
-
-  gates: int
-  forward: Callable
-  backward: Callable
-  state_names: tuple[str, ...]
-  recurrent_bias: bool = False
-
-
-def _elman(activation):
-  f, df = {  # df in terms of the output h = f(a)
-    'tanh': (jnp.tanh, lambda h: 1.0 - h * h),
-    'relu': (jax.nn.relu, lambda h: (h > 0).astype(h.dtype)),
-  }[activation]
-
-  def forward(xz, hz, carry):
-    h = f(xz + hz)
-    return (h,), h
-
-  def backward(h, carry, dcarry):
-    da = dcarry[0] * df(h)
-    return da, da, (0.0,)
-
-  return Cell(1, forward, backward, ('h',))
-
-
-def _lstm_forward(xz, hz, carry):
-  """LSTM gates (Hochreiter & Schmidhuber 1997; Gers et al. 2000): i, f, o = sigmoid(.),
-  candidate = tanh(.), c = f c + i candidate, h = o tanh(c); '.' = W [h_{t-1}, x_t] + b,
-  split here into hz + xz."""
-  a_i, a_f, a_g, a_o = jnp.split(xz + hz, 4, axis=-1)
-  i, f, g, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g), jax.nn.sigmoid(a_o)
-  c = f * carry[1] + i * g
-  tanh_c = jnp.tanh(c)
-  return (o * tanh_c, c), jnp.concatenate([i, f, g, o, tanh_c], axis=-1)
-
-
-def _lstm_backward(saved, carry, dcarry):
-  i, f, g, o, tanh_c = jnp.split(saved, 5, axis=-1)
-  dh, dc = dcarry
-  dc = dc + dh * o * (1.0 - tanh_c * tanh_c)  # c reaches the loss directly and through h
-  da = jnp.concatenate(
-    [
-      dc * g * i * (1.0 - i),
-      dc * carry[1] * f * (1.0 - f),
-      dc * i * (1.0 - g * g),
-      dh * tanh_c * o * (1.0 - o),
-    ],
-    axis=-1,
-  )
-  return da, da, (0.0, dc * f)
-
-
-def _gru_forward(xz, hz, carry):
-  """Cho et al. (2014) with the reset gate applied after the recurrent matmul:
-  n = tanh(xz_n + r * (U_n h + b_n)) rather than tanh(xz_n + U_n (r * h)).
-
-  This is the cuDNN / PyTorch / Keras-default form. It keeps every cell at one recurrent
-  matmul per step, h @ [U_r U_z U_n], which the hand-written BPTT below relies on; the
-  paper's form needs a second matmul after r is known, on the sequential critical path.
-  """
-  xr, xz_, xn = jnp.split(xz, 3, axis=-1)
-  hr, hz_, hn = jnp.split(hz, 3, axis=-1)
-  r = jax.nn.sigmoid(xr + hr)
-  z = jax.nn.sigmoid(xz_ + hz_)
-  n = jnp.tanh(xn + r * hn)
-  return ((1.0 - z) * n + z * carry[0],), jnp.concatenate([r, z, n, hn], axis=-1)
-
-
-def _gru_backward(saved, carry, dcarry):
-  r, z, n, hn = jnp.split(saved, 4, axis=-1)
-  (dh,) = dcarry
-  da_n = dh * (1.0 - z) * (1.0 - n * n)
-  da_r = da_n * hn * r * (1.0 - r)
-  da_z = dh * (carry[0] - n) * z * (1.0 - z)
-  # The input side sees n's pre-activation error; the recurrent side sees it through r.
-  return (
-    jnp.concatenate([da_r, da_z, da_n], axis=-1),
-    jnp.concatenate([da_r, da_z, da_n * r], axis=-1),
-    (dh * z,),
-  )
-
-
-def make_cell(cfg: Config) -> Cell:
-  if cfg.cell == 'elman':
-    return _elman(cfg.activation)
-  if cfg.cell == 'lstm':
-    return Cell(4, _lstm_forward, _lstm_backward, ('h', 'c'))
-  return Cell(3, _gru_forward, _gru_backward, ('h',), recurrent_bias=True)
+    layers.check_remat(self.remat)
 
 
 _NN = ((1,), (0,))  # a @ b
@@ -187,7 +105,7 @@ def _mask(carry, keep_B):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def recurrence(cell: Cell, unroll: int, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
+def recurrence(cell: cells.Cell, unroll: int, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB):
   """Runs the cell over T steps: (outputs h_TBS, final carry).
 
   w_DG, b_G project the inputs, w_SG, b_h (None but for the GRU) the state; the matmuls
@@ -272,7 +190,7 @@ class RecurrentLayer(nn.Module):
   @nn.compact
   def __call__(self, x_TBD, carry, keep_TB):
     cfg = self.config
-    cell = make_cell(cfg)
+    cell = cells.make_cell(cfg.cell, cfg.activation)
     S, G = cfg.d_hidden, cell.gates * cfg.d_hidden
     dtype = jnp.dtype(cfg.dtype)
     w_x = self.param(
@@ -291,9 +209,16 @@ class RecurrentLayer(nn.Module):
       if cell.recurrent_bias
       else None
     )
+    # Gathered before the loops (see RULES): one all-gather per step under FSDP.
+    w_x, b_x, w_h, b_h = (
+      None
+      if w is None
+      else nn.with_logical_constraint(w, (None,) * (w.ndim - 1) + ('rnn_step_gates',))
+      for w in (w_x, b_x, w_h, b_h)
+    )
     return recurrence(cell, cfg.unroll, dtype, x_TBD, w_x, b_x, w_h, b_h, carry, keep_TB)
 
-  def _bias_init(self, cell: Cell):
+  def _bias_init(self, cell: cells.Cell):
     forget_bias = self.config.forget_bias if self.config.cell == 'lstm' else 0.0
 
     def init(key, shape, dtype=jnp.float32):
@@ -325,9 +250,10 @@ class Model(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_embed, stddev=1.0)
+    self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_embed, stddev=1.0)
+    layer = layers.remat(RecurrentLayer, cfg.remat)
     self.layers = [
-      RecurrentLayer(cfg, cfg.d_embed if i == 0 else cfg.d_hidden, name=f'layer_{i}')
+      layer(cfg, cfg.d_embed if i == 0 else cfg.d_hidden, name=f'layer_{i}')
       for i in range(cfg.num_layers)
     ]
     if cfg.layer_norm:
@@ -342,13 +268,17 @@ class Model(nn.Module):
     )
     self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
-  def step(self, tokens_BT: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    return self.token_embed(tokens_BT).astype(jnp.float32)
+
+  def step(
+    self, tokens_BT: jax.Array, cache: tuple, embeddings_BTE: jax.Array | None = None
+  ) -> tuple[jax.Array, tuple]:
     """Consumes T tokens from the carries in `cache`: (logits_BTV, the carries after them)."""
     cfg = self.config
+    x_BTD = self.embed(tokens_BT) if embeddings_BTE is None else embeddings_BTE
     # Time-major inside (see the module docstring); the contract's arrays are [B, T, ...].
-    x_TBD = jnp.swapaxes(
-      self.perturb('embeddings', self.embed(tokens_BT).astype(jnp.float32)), 0, 1
-    )
+    x_TBD = jnp.swapaxes(x_BTD, 0, 1)
     tokens_TB = tokens_BT.T
     keep_TB = (
       jnp.ones(tokens_TB.shape, jnp.float32)
@@ -371,14 +301,14 @@ class Model(nn.Module):
     """Output logits W_y h + b_y, in float32, for states h of any leading shape."""
     return self.head(h.astype(jnp.float32)).astype(jnp.float32)
 
-  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BT: jax.Array, embeddings_BTE: jax.Array | None = None) -> jax.Array:
     """Teacher forcing from a zero state: logits_BTV."""
-    return self.step(tokens_BT, self.init_cache(tokens_BT.shape[0], 0))[0]
+    return self.step(tokens_BT, self.init_cache(tokens_BT.shape[0], 0), embeddings_BTE)[0]
 
   def init_cache(self, batch_size: int, max_len: int = 0) -> tuple:
     """Zero carries for every layer; the length does not matter to a recurrence."""
     del max_len
-    cell = make_cell(self.config)
+    cell = cells.make_cell(self.config.cell, self.config.activation)
     zeros = jnp.zeros((batch_size, self.config.d_hidden), jnp.float32)
     return tuple(tuple(zeros for _ in cell.state_names) for _ in range(self.config.num_layers))
 
@@ -390,7 +320,7 @@ class Model(nn.Module):
     """Forward matmul FLOPs per token (the gates' elementwise work is not counted)."""
     del seq_len
     cfg = self.config
-    G = make_cell(cfg).gates * cfg.d_hidden
+    G = cells.make_cell(cfg.cell, cfg.activation).gates * cfg.d_hidden
     total = 0
     for i in range(cfg.num_layers):
       d_in = cfg.d_embed if i == 0 else cfg.d_hidden

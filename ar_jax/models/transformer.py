@@ -16,11 +16,20 @@ from ar_jax.errors import check
 from ar_jax.models import layers
 
 POS_ENCODINGS = ('learned', 'sinusoidal', 'rotary')
-REMAT_POLICIES = {
-  'none': None,
-  'full': jax.checkpoint_policies.nothing_saveable,
-  'dots_saveable': jax.checkpoint_policies.dots_saveable,
-  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+
+# Megatron-style tensor parallelism (Shoeybi et al. 2019): attention is split by heads, the
+# MLP by its hidden units, so each block needs one all-reduce after attention and one after
+# the MLP. FSDP splits the model width ('embed', a shared rule).
+RULES = (
+  ('heads', 'tensor'),
+  ('mlp', 'tensor'),
+)
+TINY = {
+  'learned': dict(num_layers=2, num_heads=4, d_model=32, max_len=32),
+  'rotary': dict(num_layers=2, num_heads=4, d_model=32, max_len=32, pos_encoding='rotary'),
+  'sinusoidal_scanned': dict(
+    num_layers=2, num_heads=4, d_model=32, max_len=32, pos_encoding='sinusoidal', scan_layers=True
+  ),
 }
 
 
@@ -55,10 +64,7 @@ class Config:
       self.pos_encoding != 'rotary' or (self.d_model // self.num_heads) % 2 == 0,
       f'rotary positions need an even head dim, got {self.d_model // self.num_heads}',
     )
-    check(
-      self.remat in REMAT_POLICIES,
-      f'model.remat={self.remat!r}; allowed: {", ".join(REMAT_POLICIES)}',
-    )
+    layers.check_remat(self.remat)
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
     check(
       self.dtype in ('float32', 'bfloat16', 'float16'),
@@ -122,16 +128,14 @@ class Model(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
+    self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
     if cfg.pos_encoding == 'learned':
       self.pos_embed = self.param(
         'pos_embed',
         layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
         (cfg.max_len, cfg.d_model),
       )
-    block = Block
-    if cfg.remat != 'none':
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    block = layers.remat(Block, cfg.remat, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.blocks = nn.scan(
         block,
@@ -156,15 +160,22 @@ class Model(nn.Module):
       )
     self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
-  def _forward(self, tokens_BT, positions_T, layer_caches):
+  def _embed(self, tokens_BT, positions_T):
     cfg = self.config
-    x_BTD = self.embed(tokens_BT)
+    x_BTD = self.token_embed(tokens_BT)
     if cfg.pos_encoding == 'learned':
       x_BTD = x_BTD + jnp.take(self.pos_embed, positions_T, axis=0)
     elif cfg.pos_encoding == 'sinusoidal':
       x_BTD = x_BTD + layers.sinusoidal(positions_T, cfg.d_model)
-    # A zero-valued hook: tests differentiate the logits with respect to the embeddings here.
-    x_BTD = self.perturb('embeddings', x_BTD)
+    return x_BTD
+
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    """Token plus position embeddings of positions 0 .. T-1, [B, T, D]."""
+    return self._embed(tokens_BT, jnp.arange(tokens_BT.shape[1]))
+
+  def _forward(self, tokens_BT, positions_T, layer_caches, x_BTD=None):
+    cfg = self.config
+    x_BTD = self._embed(tokens_BT, positions_T) if x_BTD is None else x_BTD
     x_BTD = self.dropout(x_BTD).astype(jnp.dtype(cfg.dtype))
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     if cfg.scan_layers:
@@ -176,20 +187,20 @@ class Model(nn.Module):
         new_caches.append(c)
     x_BTD = self.ln_out(x_BTD)
     if cfg.tie_embeddings:
-      logits_BTV = x_BTD.reshape(-1, cfg.d_model) @ self.embed.embedding.T.astype(x_BTD.dtype)
+      logits_BTV = x_BTD.reshape(-1, cfg.d_model) @ self.token_embed.embedding.T.astype(x_BTD.dtype)
       logits_BTV = logits_BTV.reshape(*x_BTD.shape[:2], cfg.vocab_size)
     else:
       logits_BTV = self.head(x_BTD)
     # Softmax and loss always see float32 logits.
     return logits_BTV.astype(jnp.float32), new_caches
 
-  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BT: jax.Array, embeddings_BTD: jax.Array | None = None) -> jax.Array:
     """Teacher forcing: logits_BTV where position t has seen tokens <= t only."""
     T = tokens_BT.shape[1]
     check(
       self.config.max_len >= T, f'sequence length {T} exceeds model.max_len={self.config.max_len}'
     )
-    return self._forward(tokens_BT, jnp.arange(T), None)[0]
+    return self._forward(tokens_BT, jnp.arange(T), None, embeddings_BTD)[0]
 
   def step(self, tokens_BT: jax.Array, cache: dict[str, Any]):
     """Cached decoding: feeds T new tokens (a prefill, or T = 1) and returns (logits_BTV, cache)."""
@@ -219,6 +230,8 @@ class Model(nn.Module):
     """The batch axis of every array in the cache but the scalar index (layers come first
     when they are scanned)."""
     return 1 if self.config.scan_layers else 0
+
+  sequential = False
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token at this sequence length, counting matmuls as executed.

@@ -1,0 +1,85 @@
+"""The model contract: every member of a model family that training, decoding, sizing and
+the studies read. Nothing outside a family's module knows which family it is.
+
+A family is one module of ar_jax/models (its file name is config.model.name) that defines:
+
+  Config  a frozen dataclass: the family's fields, which config.model sets, and the fields
+          the data decides (`vocab_size`; `eos_id` where the family uses it). Its
+          `__post_init__` names every bad value.
+  Model   a Flax module, Model(config, deterministic=True), with the members of `Model` below.
+  RULES   its logical axis names -> mesh axes, read ahead of the shared rules
+          (sharding.SHARED_RULES); see sharding.rules for how the table is resolved.
+  TINY    named Config fields (without the data's) of models that build and run in seconds:
+          the variants the contract tests (tests/test_contract.py) run, the first one also
+          sharded. Each has several parameters of more than 1,024 elements, so that a
+          sharding test over them cannot pass vacuously.
+
+Arrays are [B, T, ...] at the contract's boundary whatever a family uses inside; logits are
+float32 whatever the compute dtype.
+"""
+
+import types
+from typing import Any, Protocol
+
+import jax
+
+
+class Model(Protocol):
+  config: Any  # the family's Config
+  deterministic: bool  # False: dropout on (training)
+
+  # The most positions a sequence may have. 0: any length, and the cache has a fixed size,
+  # so a run may carry it from one window to the next (stateful, truncated-BPTT training).
+  max_len: int
+  # The batch axis of every non-scalar array of the cache: decoding copies and reorders
+  # rows (samples, beams) and gradient accumulation splits them along it.
+  cache_batch_axis: int
+  # Teacher forcing is itself a loop over time, so feeding the model its own samples one
+  # step at a time (exact scheduled sampling) costs no more than teacher forcing.
+  sequential: bool
+
+  def __call__(self, tokens_BT: jax.Array, embeddings_BTE: jax.Array | None = None) -> jax.Array:
+    """Teacher forcing: logits_BTV, where position t has seen tokens <= t only. Given
+    embeddings_BTE (from `embed`), they replace the tokens' own: the gradient tests
+    differentiate the logits with respect to them."""
+    ...
+
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    """The float input vector of each position, [B, T, E]: what `__call__` reads of the
+    tokens, and the point the causality tests differentiate at."""
+    ...
+
+  def init_cache(self, batch_size: int, max_len: int) -> Any:
+    """An empty decoding state for batch_size sequences of at most max_len positions."""
+    ...
+
+  def step(self, tokens_BT: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """T new tokens after those in the cache (a prefill, or one): (logits_BTV, new cache).
+    step(tokens, init_cache(B, T)) gives the logits of __call__(tokens)."""
+    ...
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token at this sequence length, for MFU and compute budgets;
+    training costs three times as much."""
+    ...
+
+
+MEMBERS = tuple(
+  sorted(
+    {n for n in vars(Model) if not n.startswith('_')} | set(Model.__annotations__) | {'__call__'}
+  )
+)
+FAMILY_MEMBERS = ('Config', 'Model', 'RULES', 'TINY')
+
+
+def check_family(module: types.ModuleType) -> None:
+  """Raises TypeError naming what `module` lacks of the contract."""
+  missing = [n for n in FAMILY_MEMBERS if not getattr(module, n, None)]
+  if not missing:
+    fields = getattr(module.Model, '__dataclass_fields__', {})
+    missing = [f'Model.{n}' for n in MEMBERS if not hasattr(module.Model, n) and n not in fields]
+  if missing:
+    raise TypeError(
+      f'model family {module.__name__} does not follow ar_jax.models.contract: '
+      f'missing {", ".join(missing)}'
+    )

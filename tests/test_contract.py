@@ -1,0 +1,144 @@
+"""The model contract (ar_jax/models/contract.py), checked once for every family in
+models.available(): a family added as one module gets all of it without editing a test.
+
+Per TINY variant: causality by gradients, cached decoding against the full forward. Per
+family (its first TINY variant): FLOPs against XLA's count, remat against none, and through
+the real trainer the sharded step on four meshes against one device, with every large array
+actually split, and gradient accumulation against the whole batch.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from ar_jax import models
+from tests.helpers import family_config, one_step, position_jacobian, random_model, write_corpus
+
+V = 13
+T = 12
+VARIANTS = [(name, variant) for name in models.available() for variant in models.tiny_configs(name)]
+FAMILIES = models.available()
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 8, 1), (1, 4, 2)]  # (data, fsdp, tensor)
+LARGE = 1024  # elements: a parameter larger than this must be split under fsdp=8
+
+by_variant = pytest.mark.parametrize(
+  'name, variant', VARIANTS, ids=[f'{n}-{v}' for n, v in VARIANTS]
+)
+by_family = pytest.mark.parametrize('family', FAMILIES)
+
+
+def tokens_BT(batch: int, length: int, seed: int = 0) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, V)
+
+
+@by_variant
+def test_causal_by_gradients(name, variant):
+  """d logits_t / d embedding_s is zero for every s > t, and every position after the first
+  depends on some input."""
+  model, params = random_model(name, V, variant)
+  seen_TT = position_jacobian(model, params, tokens_BT(1, T)) > 0
+  t, s = np.indices(seen_TT.shape)
+  assert not seen_TT[s > t].any(), f'positions see later inputs: {np.argwhere(seen_TT & (s > t))}'
+  assert seen_TT[1:].any(axis=1).all(), f'positions that see no input: {seen_TT.any(axis=1)}'
+
+
+@by_variant
+def test_cached_steps_equal_the_full_forward(name, variant):
+  """Two prefills (the first shorter than some caches' buffers), then one token at a time
+  past every buffer's length, give the full forward's logits."""
+  model, params = random_model(name, V, variant)
+  tokens = tokens_BT(3, T)
+  full = model.apply({'params': params}, tokens)
+  step = jax.jit(lambda t, c: model.apply({'params': params}, t, c, method=model.step))
+  cache, pieces = model.init_cache(3, T), []
+  for start, stop in [(0, 3), (3, 6), *((t, t + 1) for t in range(6, T))]:
+    logits, cache = step(tokens[:, start:stop], cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=3e-5, rtol=1e-5)
+
+
+@by_family
+def test_flops_per_token_match_xla(family):
+  """flops_per_token against XLA's count of the compiled forward, which adds the elementwise
+  work the matmul count leaves out. XLA counts a loop's body once, so a sequential model
+  (a loop over time) is measured on one position (and a scanned layer stack would be
+  undercounted: the first TINY variant is not one)."""
+  model, params = random_model(family, V)
+  length = 1 if model.sequential else T
+  tokens = tokens_BT(4, length)
+  compiled = jax.jit(lambda p, t: model.apply({'params': p}, t)).lower(params, tokens).compile()
+  xla = compiled.cost_analysis()['flops']
+  ours = model.flops_per_token(length) * tokens.size
+  assert 0.95 * ours <= xla <= 1.15 * ours, (ours, xla)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp('corpus') / 'corpus.txt')
+
+
+_single_device: dict[str, tuple] = {}
+
+
+def single_device(family, corpus, tmp_path_factory):
+  """(state after one step, its loss, the initial state) of a family on one device, computed
+  once for the tests that compare with it."""
+  if family not in _single_device:
+    workdir = tmp_path_factory.mktemp(f'{family}_one_device')
+    _single_device[family] = one_step(family_config(corpus, family), workdir)
+  return _single_device[family]
+
+
+def assert_close(a, b, rtol=2e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@by_family
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_the_sharded_step_equals_one_device(family, mesh, corpus, tmp_path, tmp_path_factory):
+  base, base_loss, initial = single_device(family, corpus, tmp_path_factory)
+  data, fsdp, tensor = mesh
+  cfg = family_config(
+    corpus, family, **{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}
+  )
+  # The same initial parameters, placed on this mesh (sharded initialisation is tested by
+  # tests/test_distributed.py, which samples from a run initialised under fsdp=8).
+  state, loss, _ = one_step(cfg, tmp_path, initial)
+  assert loss == pytest.approx(base_loss, rel=1e-5)
+  assert_close(state.params, base.params)
+  if fsdp == 8:  # every large parameter, and its optimizer moments, split over devices
+    large = [
+      (jax.tree_util.keystr(path), x)
+      for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+      if x.size > LARGE
+    ]
+    assert len(large) >= 6, f'only {len(large)} arrays of more than {LARGE} elements'
+    whole = [path for path, x in large if x.addressable_shards[0].data.size == x.size]
+    assert not whole, f'replicated under fsdp=8: {whole}'
+
+
+@by_family
+def test_gradient_accumulation_equals_the_whole_batch(family, corpus, tmp_path, tmp_path_factory):
+  whole, loss, initial = single_device(family, corpus, tmp_path_factory)
+  cfg = family_config(corpus, family, grad_accum_steps=4)
+  accumulated, accum_loss, _ = one_step(cfg, tmp_path, initial)
+  assert accum_loss == pytest.approx(loss, rel=1e-5)
+  assert_close(accumulated.params, whole.params, rtol=1e-4)
+
+
+@by_family
+def test_remat_equals_no_remat(family):
+  """The same loss and gradients, and the backward pass really recomputes (a checkpoint in
+  its program)."""
+  model, params = random_model(family, V)
+  remat, _ = random_model(family, V, remat='full')
+  tokens = tokens_BT(2, T)
+
+  def grad(m):
+    return jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, tokens) ** 2).mean()))
+
+  (loss, grads), (remat_loss, remat_grads) = grad(model)(params), grad(remat)(params)
+  assert remat_loss == pytest.approx(float(loss), rel=1e-6)
+  assert_close(remat_grads, grads, rtol=1e-5)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: remat.apply({'params': p}, tokens).sum()))(params))
+  assert 'checkpoint' in jaxpr or 'remat' in jaxpr
