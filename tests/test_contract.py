@@ -7,11 +7,14 @@ the real trainer the sharded step on four meshes against one device, with every 
 actually split, and gradient accumulation against the whole batch.
 """
 
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from ar_jax import models
+from ar_jax.models import contract
 from tests.helpers import family_config, one_step, position_jacobian, random_model, write_corpus
 
 V = 13
@@ -142,3 +145,22 @@ def test_remat_equals_no_remat(family):
   assert_close(remat_grads, grads, rtol=1e-5)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: remat.apply({'params': p}, tokens).sum()))(params))
   assert 'checkpoint' in jaxpr or 'remat' in jaxpr
+
+
+def test_a_family_missing_part_of_the_contract_is_named():
+  module = types.ModuleType('ar_jax.models.half_done')
+  module.Config, module.RULES, module.TINY = object, (), {'tiny': {}}
+
+  class Model:  # no config or deterministic field, no step, no sequential
+    def __call__(self, tokens_BT, embeddings_BTE=None): ...
+
+    embed = init_cache = flops_per_token = __call__
+    max_len, cache_batch_axis = 0, 0
+
+  module.Model = Model
+  members = 'Model.config, Model.deterministic, Model.sequential, Model.step'
+  with pytest.raises(TypeError, match=f'half_done .* missing {members}$'):
+    contract.check_family(module)
+  del module.TINY
+  with pytest.raises(TypeError, match='missing TINY'):
+    contract.check_family(module)

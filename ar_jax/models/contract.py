@@ -74,10 +74,11 @@ FAMILY_MEMBERS = ('Config', 'Model', 'RULES', 'TINY')
 
 def check_family(module: types.ModuleType) -> None:
   """Raises TypeError naming what `module` lacks of the contract."""
-  missing = [n for n in FAMILY_MEMBERS if not getattr(module, n, None)]
+  missing = [n for n in FAMILY_MEMBERS if not hasattr(module, n)]
   if not missing:
     fields = getattr(module.Model, '__dataclass_fields__', {})
-    missing = [f'Model.{n}' for n in MEMBERS if not hasattr(module.Model, n) and n not in fields]
+    missing = [f'Model.{n}' for n in MEMBERS if not (hasattr(module.Model, n) or n in fields)]
+    missing += [] if module.TINY else ['a TINY config']
   if missing:
     raise TypeError(
       f'model family {module.__name__} does not follow ar_jax.models.contract: '
