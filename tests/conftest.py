@@ -1,22 +1,39 @@
 """Test setup: 8 simulated CPU devices (set before jax loads) and the shared test data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
-# Many tests (and their subprocesses, which inherit this) compile the same small programs:
-# a persistent compilation cache for the session compiles each once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', f'/tmp/ar_jax_test_jax_cache_{os.getuid()}')
+# Many tests (and their subprocesses, which inherit this) compile the same small programs: a
+# persistent compilation cache for the run compiles each once. Private to the run (made by
+# the first process, pytest-xdist's controller, and inherited by its workers), and removed
+# at its end.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ar_jax_test_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import REPO, write_corpus  # noqa: E402
+from tests.helpers import REPO, kill_started, write_corpus  # noqa: E402
+
+# Interrupted (Ctrl-C), a run still kills what its tests started.
+atexit.register(kill_started)
 
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started():
+  """Every process a test starts (tests.helpers.start, run) is killed when it ends."""
+  yield
+  kill_started()
 
 
 @pytest.fixture

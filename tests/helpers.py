@@ -1,9 +1,13 @@
 """Helpers the tests share (no side effects: a config file may import this)."""
 
+import contextlib
 import functools
 import json
 import math
+import os
 import pathlib
+import signal
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -17,6 +21,39 @@ from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+_started: list[subprocess.Popen] = []
+
+
+def start(args, **kwargs) -> subprocess.Popen:
+  """subprocess.Popen in a session (so a process group) of its own: kill_started() kills it
+  and everything it started when the test ends or the run is interrupted."""
+  proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+  _started.append(proc)
+  return proc
+
+
+def run(args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+  """subprocess.run(args, capture_output=True, text=True) through start(); at the timeout
+  the whole process group is killed, not its first process alone."""
+  proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    kill_started()
+    raise
+  return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def kill_started() -> None:
+  """SIGKILL to the process group of every process start() began, finished or not (what it
+  started may outlive it)."""
+  while _started:
+    proc = _started.pop()
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def tiny_config(path: pathlib.Path | str = '', **overrides):

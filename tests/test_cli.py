@@ -2,11 +2,11 @@
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO, read_jsonl
 
 # The quickstart config, shrunk to seconds. The cosine length is fixed (decay_steps) so a
@@ -32,13 +32,8 @@ SHRINK = [
 
 def ar_jax(module, *args, check=True):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
-  out = subprocess.run(
-    [sys.executable, '-m', f'ar_jax.{module}', *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  out = helpers.run(
+    [sys.executable, '-m', f'ar_jax.{module}', *args], cwd=REPO, env=env, timeout=300
   )
   if check:
     assert out.returncode == 0, out.stderr[-3000:]

@@ -20,6 +20,7 @@ import pytest
 from ar_jax import checkpoint, sharding, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
+from tests import helpers
 from tests.helpers import REPO, family_config, one_step, read_jsonl, tiny_config
 
 
@@ -126,7 +127,7 @@ def cli(*args, processes=1, devices=4, timeout=240):
     ]
   else:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return helpers.run(command, cwd=REPO, env=env, timeout=timeout)
 
 
 def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_path):
@@ -177,7 +178,7 @@ def test_a_dead_process_stops_the_others(text_file, tmp_path):
     f'--workdir={tmp_path}',
   ]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  launcher = subprocess.Popen(
+  launcher = helpers.start(
     command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   deadline = time.time() + 120
@@ -238,13 +239,11 @@ def test_a_model_trained_with_fsdp_samples_the_same_on_one_device_and_on_eight(t
   greedy = {}
   for devices in (1, 8):
     env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-    out = subprocess.run(
+    out = helpers.run(
       [sys.executable, '-m', 'ar_jax.sample', f'--workdir={tmp_path}', '--prompt=the ']
       + ['--temperature=0', '--max_new_tokens=12'],
       cwd=REPO,
       env=env,
-      capture_output=True,
-      text=True,
       timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,7 +1,6 @@
 """The study experiments: models matched as their docstrings say, grids the analyses can fit,
 and the sampling study's measurements."""
 
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ from ar_jax import models, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from experiments import compare_families, sampling, scaling
+from tests import helpers
 from tests.helpers import REPO, tiny_config
 
 
@@ -70,7 +70,5 @@ def test_every_experiment_file_loads_beside_the_entry_points_flags():
     "for path in sorted(glob.glob('experiments/[!_]*.py')):\n"
     '  load_experiment(path)\n'
   )
-  result = subprocess.run(
-    [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=120
-  )
+  result = helpers.run([sys.executable, '-c', script], cwd=REPO, timeout=120)
   assert result.returncode == 0, result.stderr

@@ -3,13 +3,13 @@
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from ar_jax.errors import ConfigError
 from launch import sweep
+from tests import helpers
 from tests.helpers import REPO
 
 STUDY = 'tests/tiny_study.py'
@@ -23,9 +23,7 @@ def corpus(text_file, monkeypatch):
 
 
 def cli(module, *flags):
-  return subprocess.run(
-    [sys.executable, '-m', module, *flags], cwd=REPO, capture_output=True, text=True, timeout=600
-  )
+  return helpers.run([sys.executable, '-m', module, *flags], cwd=REPO, timeout=600)
 
 
 def launch(root, *flags):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from tests import helpers
 from tests.helpers import REPO, read_jsonl
 
 TIMEOUT = 120  # seconds any one command may take
@@ -34,7 +35,7 @@ def env():
 
 
 def run_command(args, check=True):
-  out = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+  out = helpers.run(args, cwd=REPO, env=env(), timeout=TIMEOUT)
   if check:
     assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -47,7 +48,7 @@ def run(corpus, workdir, *overrides, check=True):
 @contextlib.contextmanager
 def started(corpus, workdir, *overrides):
   """A training process running in the background; killed when the block ends, however."""
-  proc = subprocess.Popen(
+  proc = helpers.start(
     command(corpus, workdir, *overrides),
     cwd=REPO,
     env=env(),
