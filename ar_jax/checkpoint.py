@@ -22,7 +22,7 @@ import contextlib
 import errno
 import gc
 import json
-import logging as logging_lib
+import logging
 import os
 import shutil
 import sys
@@ -32,10 +32,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from jax.experimental import multihost_utils
 
 from ar_jax.errors import RunError
+
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 UNREADABLE = '.unreadable'
 # How tensorstore, orbax and json say that a file is missing, cut short or undecodable.
@@ -201,9 +202,9 @@ class Checkpointer:
             os.rename(where, aside)
           _barrier(f'ar_jax_moved_aside_{step}')
           self._manager.reload()
-          logging.warning('%s; moved it to %s and trying the one before it', e, aside)
+          log.warning('%s; moved it to %s and trying the one before it', e, aside)
         else:
-          logging.warning('%s; trying the one before it', e)
+          log.warning('%s; trying the one before it', e)
     return None
 
   def _reporting_failure(self, fn, step) -> None:
@@ -338,14 +339,14 @@ def _dropping_orbax_debris(hook):
   return filtered
 
 
-class _NotFromOrbax(logging_lib.Filter):
-  def filter(self, record: logging_lib.LogRecord) -> bool:
+class _NotFromOrbax(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
     return '/orbax/' not in record.pathname
 
 
 @contextlib.contextmanager
 def _without_orbax_logs():
-  handlers = logging_lib.getLogger().handlers
+  handlers = logging.getLogger().handlers
   quiet = _NotFromOrbax()
   for h in handlers:
     h.addFilter(quiet)

@@ -15,26 +15,29 @@ from ar_jax.errors import Error
 
 
 class _OwnInfoOnly(py_logging.Filter):
-  """Keeps INFO lines from ar_jax; libraries (orbax, jax) still show warnings and errors.
+  """Keeps INFO lines from ar_jax's own loggers (ar_jax.*); libraries (orbax, jax) show
+  warnings and errors, and their INFO too when --verbosity asks for more than INFO.
 
-  A failed checkpoint read or write is raised to ar_jax and reported there in one line, so
-  orbax's own error lines lose their tracebacks, and asyncio's reports of orbax's abandoned
-  tasks are dropped.
+  Decided by the logger's name, not the file's path: a virtual environment inside a folder
+  named ar_jax puts every library under such a path. A failed checkpoint read or write is
+  raised to ar_jax and reported there in one line, so orbax's own error lines lose their
+  tracebacks, and asyncio's reports of orbax's abandoned tasks are dropped.
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno < py_logging.WARNING:
-      return '/ar_jax/' in record.pathname
+      return record.name.partition('.')[0] == 'ar_jax' or flags.FLAGS['verbosity'].value > 0
     if record.name == 'asyncio' and 'orbax' in record.getMessage():
       return False
-    if '/orbax/' in record.pathname:
+    if record.name.partition('.')[0] == 'orbax' or '/orbax/' in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
 
 
 def run(fn: Callable[[], None]) -> None:
   """Runs an entry point's body; an ar_jax Error exits non-zero with its message alone."""
-  logging.set_verbosity(logging.INFO)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   try:
     fn()

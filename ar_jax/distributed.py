@@ -1,9 +1,11 @@
 """Multi-host runs: one process per host (or per GPU), joined by jax.distributed."""
 
+import logging
 import os
 
 import jax
-from absl import logging
+
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
@@ -30,7 +32,7 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
     jax.distributed.initialize(**timeouts)
   else:
     return
-  logging.info(
+  log.info(
     'process %d of %d, %d local devices of %d',
     jax.process_index(),
     jax.process_count(),

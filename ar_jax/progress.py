@@ -2,15 +2,17 @@
 measured once (compiles and evaluations excluded), and XLA's memory per device."""
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from absl import logging
 
 from ar_jax import flops, optim
+
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 
 class Stopwatch:
@@ -48,7 +50,7 @@ class Progress:
     self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
     self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
     self.peak, peak_source = flops.peak_flops(jax.devices()[0])
-    logging.info(
+    log.info(
       '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
       cfg.model.name,
       num_params / 1e6,
@@ -81,7 +83,7 @@ class Progress:
       'train/skipped_steps': float(skipped.sum()),
     }
     eta = (cfg.num_train_steps - step) * seconds / steps
-    logging.info(
+    log.info(
       'step %d/%d | loss %.4f | %.0f tok/s | mfu %.1f%% | eta %s',
       step,
       cfg.num_train_steps,
@@ -99,9 +101,9 @@ class Progress:
     with self.stopwatch.excluded():
       metrics = evaluator.evaluate(params, should_stop)
     if metrics is None:
-      logging.warning('eval at step %d: abandoned for a stop request', step)
+      log.warning('eval at step %d: abandoned for a stop request', step)
     else:
-      logging.info('eval at step %d: %s', step, _fmt(metrics))
+      log.info('eval at step %d: %s', step, _fmt(metrics))
     return metrics
 
 

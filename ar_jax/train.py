@@ -30,6 +30,8 @@ from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
 from ar_jax.errors import ConfigError, RunError, check
 
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
+
 
 def train_step(
   state: state_lib.TrainState,
@@ -258,7 +260,7 @@ def train_and_evaluate(
       saved_step, state, data_state, saved_meta = restored
       batches.set_state(data_state)
       eval_pending = saved_meta.get('eval_pending', False)
-      logging.info('resumed from the checkpoint at step %d', saved_step)
+      log.info('resumed from the checkpoint at step %d', saved_step)
     step = first_step = int(state.step)
     if step < config.num_train_steps:
       workdir_lib.unfinished(workdir)
@@ -304,7 +306,7 @@ def train_and_evaluate(
             break
       if stopped:
         ckpt.wait()  # the checkpoint is on disk before the run says so
-        logging.warning(
+        log.warning(
           'stopped by signal %s at step %d: checkpoint saved; start again with the same '
           'workdir to continue',
           stop.signal,
@@ -318,7 +320,7 @@ def train_and_evaluate(
       writer.close()
   if not stopped:
     text, sample_speed = write_sample(run, state.params, step)
-    logging.info('sample at step %d:\n%s', step, text)
+    log.info('sample at step %d:\n%s', step, text)
     summary = {
       'step': step,
       **final_eval,
@@ -346,7 +348,7 @@ def _finite_eval(metrics: dict, step: int, policy: str, last_checkpoint: int | N
     return metrics
   message = f'non-finite evaluation loss ({metrics["eval/loss"]}) at step {step}'
   if policy == 'skip':
-    logging.warning('%s (nan_policy=skip: the run goes on)', message)
+    log.warning('%s (nan_policy=skip: the run goes on)', message)
     return metrics
   raise RunError(f'{message}; {_last_checkpoint(last_checkpoint)}')
 
@@ -383,7 +385,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
   memory = trainer.memory(abstract)
-  logging.info(
+  log.info(
     'train step for mesh %s (%d devices): per device %s; about %.2f GiB in all',
     dict(run.mesh.shape),
     run.mesh.size,

@@ -9,6 +9,7 @@ own.
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -17,12 +18,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import optax
-from absl import logging
 from jax.experimental import multihost_utils
 
 from ar_jax import checkpoint, data, models, optim, scheduled_sampling, sharding, state, writers
 from ar_jax.data import tokenizers
 from ar_jax.errors import ConfigError, RunError, check
+
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 # Fields that define what a workdir's checkpoints are: a different value cannot resume it.
 RUN_DEFINING = ('model', 'data', 'seed', 'batch_size')
@@ -50,7 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   scheduled_sampling.validate(config.scheduled_sampling)
   warmup = optim.warmup_steps(config.optim, config.num_train_steps)
   if warmup != config.optim.warmup_steps:
-    logging.warning(
+    log.warning(
       'optim.warmup_steps=%d does not end before the learning-rate decay (%d steps); warming '
       'up over %d steps (a tenth) instead',
       config.optim.warmup_steps,
@@ -228,7 +230,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer, restart:
       for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
         if checkpoint.UNREADABLE in name:  # kept, out of the way of the new run's checks
           os.renames(os.path.join(checkpoints, name), os.path.join(previous, 'checkpoints', name))
-      logging.warning('restarting from step 0: the earlier history was moved to %s', previous)
+      log.warning('restarting from step 0: the earlier history was moved to %s', previous)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))

@@ -1,13 +1,15 @@
 """Metrics to disk: metrics.jsonl (one JSON object per line) and TensorBoard event files."""
 
 import json
+import logging
 import os
 from typing import Any
 
 import jax
-from absl import logging
 
 from ar_jax.errors import RunError
+
+log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -29,7 +31,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
       if n < len(lines):
         raise RunError(f'{path}, line {n}, is damaged ({e}): {line[:80]!r}') from e
-      logging.warning('%s: dropped its torn last line %r (a write cut short)', path, line[:80])
+      log.warning('%s: dropped its torn last line %r (a write cut short)', path, line[:80])
   return records
 
 
@@ -50,7 +52,7 @@ class MetricWriter:
     records = read_metrics(path)
     kept = [r for r in records if r['step'] <= resume_step]
     if len(kept) < len(records):
-      logging.info(
+      log.info(
         'metrics.jsonl: %d lines after step %d dropped; their steps are redone from the checkpoint',
         len(records) - len(kept),
         resume_step,

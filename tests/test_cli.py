@@ -1,11 +1,13 @@
 """The command line, end to end, in subprocesses with one CPU device (as a user runs it)."""
 
+import logging as py_logging
 import os
 import pathlib
 import sys
 
 import pytest
 
+from ar_jax import cli
 from tests import helpers
 from tests.helpers import REPO, read_jsonl
 
@@ -177,3 +179,17 @@ def test_sample_cli_writes_samples_and_beams_of_a_prompts_file(resumed_run, tmp_
   for r in beams:
     penalty = (5 + len(r['tokens'])) / 6
     assert r['score'] == pytest.approx(r['log_prob'] / penalty, rel=1e-5)
+
+
+def test_the_console_keeps_ar_jax_info_by_logger_name_not_by_path():
+  """A virtual environment inside a folder named ar_jax puts every library under '/ar_jax/':
+  the filter goes by logger name, so the libraries' INFO stays out."""
+  keep = cli._OwnInfoOnly().filter
+  record = lambda name, path, level=py_logging.INFO: py_logging.LogRecord(
+    name, level, path, 1, 'message', (), None
+  )
+  library = '/home/me/ar_jax/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py'
+  assert keep(record('ar_jax.train', '/home/me/ar_jax/ar_jax/train.py'))
+  assert not keep(record('absl', library))
+  assert not keep(record('jax._src.xla_bridge', library))
+  assert keep(record('absl', library, py_logging.WARNING))  # warnings always pass
