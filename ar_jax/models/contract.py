@@ -76,8 +76,10 @@ def check_family(module: types.ModuleType) -> None:
   """Raises TypeError naming what `module` lacks of the contract."""
   missing = [n for n in FAMILY_MEMBERS if not hasattr(module, n)]
   if not missing:
-    fields = getattr(module.Model, '__dataclass_fields__', {})
-    missing = [f'Model.{n}' for n in MEMBERS if not (hasattr(module.Model, n) or n in fields)]
+    # Looked up in the class's own bases: every class has a __call__ of type's.
+    defined = set(getattr(module.Model, '__dataclass_fields__', {}))
+    defined.update(*(vars(c) for c in module.Model.__mro__ if c is not object))
+    missing = [f'Model.{n}' for n in MEMBERS if n not in defined]
     missing += [] if module.TINY else ['a TINY config']
   if missing:
     raise TypeError(
