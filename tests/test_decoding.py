@@ -265,6 +265,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
   assert np.isneginf(np.asarray(filtered[0, order[kept:]])).all()
 
 
+def test_top_p_breaks_ties_by_rank():
+  """Uniform over 50 tokens at p = 0.1: the smallest set reaching p is 5 tokens, not all 50
+  tied with the fifth."""
+  filtered = np.asarray(decoding.filter_logits(jnp.zeros((1, 50)), 1.0, 0, 0.1))
+  assert np.isfinite(filtered).sum() == 5
+
+
 def test_temperature_scales_before_top_k():
   logits = jnp.array([[1.0, 3.0, 2.0]])
   filtered = decoding.filter_logits(logits, 0.5, 2, 1.0)
