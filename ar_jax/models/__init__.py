@@ -4,6 +4,7 @@ the rest of the package reads, is the contract in ar_jax/models/contract.py.
 """
 
 import dataclasses
+import functools
 import importlib
 import math
 import pkgutil
@@ -35,6 +36,7 @@ def default_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({'name': name, **fields})
 
 
+@functools.cache  # the directory listing and the contract check, once per family
 def _module(name: str):
   if name not in available():
     raise ConfigError(f'unknown model.name={name!r}; available: {", ".join(available())}')
