@@ -4,6 +4,8 @@ import logging
 import os
 
 import jax
+from absl import flags
+from absl import logging as absl_logging
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
@@ -39,6 +41,9 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
     jax.local_device_count(),
     jax.device_count(),
   )
+  if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+    # Every process logs the same progress: process 0 speaks for the run, the others only warn.
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _on_cluster() -> bool:

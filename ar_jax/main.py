@@ -3,6 +3,7 @@
 Starting again with the same workdir resumes from its latest checkpoint.
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -38,7 +39,8 @@ def _main():
     metrics = train.compile_only(f.config, f.workdir)
   else:
     metrics = train.train_and_evaluate(f.config, f.workdir, allow_restart=f.allow_restart)
-  print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
+  if jax.process_index() == 0:
+    print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
 
 
 def main(argv):

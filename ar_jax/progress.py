@@ -51,7 +51,7 @@ class Progress:
     self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
     self.peak, peak_source = flops.peak_flops(jax.devices()[0])
     log.info(
-      '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.1f TFLOP/s per device (%s)',
+      '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.3g TFLOP/s per device (%s)',
       cfg.model.name,
       num_params / 1e6,
       self.flops_per_token / 1e6,

@@ -236,6 +236,13 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer, restart:
     tokenizer.save(os.path.join(workdir, 'tokenizer.json'))
     # The folder's presence says that checkpoints were expected here (check_fresh_start).
     os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
+  log.info(
+    'workdir %s: config.json, tokenizer.json, checkpoints/ (every %d steps), metrics.jsonl '
+    'and tensorboard/ (every %d steps), samples.txt, and final.json when it finishes',
+    os.path.abspath(workdir),
+    config.checkpoint_every_steps,
+    config.log_every_steps,
+  )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('ar_jax_workdir_prepared')
 
@@ -256,6 +263,13 @@ def write_final(workdir: str, summary: dict[str, Any]) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(summary, f, indent=2)
   os.replace(path + '.tmp', path)
+  where = os.path.abspath(workdir)
+  log.info(
+    'results in %s: final.json (the final metrics), metrics.jsonl, samples.txt; curves with '
+    'tensorboard --logdir=%s',
+    where,
+    os.path.join(where, 'tensorboard'),
+  )
 
 
 def restore(ckpt: checkpoint.Checkpointer, abstract, config, workdir: str, reader: bool):

@@ -16,6 +16,8 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ar_jax_test_jax_cache_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# The measured CPU peak (for MFU) is cached per run too, not in the user's ~/.cache.
+os.environ.setdefault('AR_JAX_CACHE_DIR', os.environ['JAX_COMPILATION_CACHE_DIR'])
 
 import pathlib  # noqa: E402
 

@@ -5,9 +5,10 @@ import os
 import pathlib
 import sys
 
+import jax
 import pytest
 
-from ar_jax import cli
+from ar_jax import cli, flops
 from tests import helpers
 from tests.helpers import REPO, read_jsonl
 
@@ -62,7 +63,10 @@ def resumed_run(tmp_path_factory):
 
 def test_resumed_run_equals_uninterrupted_run(resumed_run, tmp_path):
   straight = str(tmp_path / 'straight')
-  train_cli(straight)
+  console = train_cli(straight).stderr
+  # The first lines say where the run writes, the last where its results are.
+  assert f'workdir {straight}: config.json, tokenizer.json, checkpoints/' in console
+  assert f'results in {straight}: final.json' in console.splitlines()[-1]
   assert sorted(losses(resumed_run)) == [2, 4, 6, 8]
   assert losses(resumed_run) == losses(straight)  # bit for bit
 
@@ -132,6 +136,7 @@ def test_prompt_outside_the_vocabulary_is_named(tmp_path, text_file):
     (['--config.model.depth=3'], 'depth'),  # not a key of the locked config
     (['--config.batch_size=many'], 'batch_size'),
     (['--config.mesh.data=3'], 'mesh data=3, fsdp=1, tensor=1 needs 3 devices; 1 are present'),
+    (['--verbosity=loud'], "flag --verbosity=loud: invalid literal for int() with base 10: 'loud'"),
   ],
 )
 def test_bad_command_lines_fail_with_one_message(tmp_path, extra, message):
@@ -179,6 +184,17 @@ def test_sample_cli_writes_samples_and_beams_of_a_prompts_file(resumed_run, tmp_
   for r in beams:
     penalty = (5 + len(r['tokens'])) / 6
     assert r['score'] == pytest.approx(r['log_prob'] / penalty, rel=1e-5)
+
+
+def test_a_measured_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+  """MFU on a CPU divides by a measured matmul rate: measured once, so runs compare."""
+  monkeypatch.setattr(flops, 'CACHE_DIR', str(tmp_path))
+  measured = []
+  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda: measured.append(1) or 7e9)
+  first, source = flops.peak_flops(jax.devices()[0])
+  assert (first, len(measured)) == (7e9, 1) and str(tmp_path) in source
+  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda: 1 / 0)
+  assert flops.peak_flops(jax.devices()[0])[0] == 7e9
 
 
 def test_the_console_keeps_ar_jax_info_by_logger_name_not_by_path():

@@ -25,6 +25,14 @@ def test_char_tokenizer_names_unknown_characters():
     tok.encode('axcz')
 
 
+def test_a_split_with_characters_outside_the_vocabulary_names_them_and_the_fix():
+  tok = tokenizers.build('char', [b'abc', b'cab'])
+  with pytest.raises(ConfigError) as e:
+    tok.encode_documents([b'ab', b'cx!'], 'files:validation')
+  assert "files:validation[1]: character(s) '!x' are not in the vocabulary" in str(e.value)
+  assert "data.tokenizer='byte' reads any text" in str(e.value)
+
+
 def test_invalid_utf8_at_char_level_is_named():
   with pytest.raises(ConfigError, match=r'train\[1\] is not valid UTF-8 at byte 2'):
     tokenizers.build('char', [b'fine', b'ab\xff\xfe'])

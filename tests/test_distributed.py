@@ -112,7 +112,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
 
 
-def cli(*args, processes=1, devices=4, timeout=240):
+def cli(*args, processes=1, devices=4, timeout=240, logs=None):
   command = [sys.executable, '-m', 'ar_jax.main', *args]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   if processes > 1:
@@ -122,6 +122,7 @@ def cli(*args, processes=1, devices=4, timeout=240):
       'launch.local',
       f'--num_processes={processes}',
       f'--devices_per_process={devices // processes}',
+      f'--process_logs={logs}',
       '--',
       *command,
     ]
@@ -140,8 +141,11 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
   # 'dcn': the data axis spans the two processes as two slices of 2 devices (multi-slice).
   runs = (('one', 1, []), ('two', 2, []), ('dcn', 2, ['--config.mesh.dcn_data=2']))
   for name, processes, extra in runs:
-    out = cli(*args, *extra, f'--workdir={tmp_path / name}', processes=processes)
+    workdir = f'--workdir={tmp_path / name}'
+    out = cli(*args, *extra, workdir, processes=processes, logs=tmp_path / f'{name}.logs')
     assert out.returncode == 0, out.stderr[-3000:]
+    # The console: process 0 speaks for the run, without gloo's connection lines.
+    assert out.stderr.count('step 6/6') == 1 and '[Gloo]' not in out.stdout + out.stderr
   losses = lambda d: [m['train/loss'] for m in read_jsonl(d / 'metrics.jsonl') if 'train/loss' in m]
   assert len(losses(tmp_path / 'one')) == 6
   np.testing.assert_allclose(losses(tmp_path / 'two'), losses(tmp_path / 'one'), rtol=1e-6)
@@ -152,9 +156,12 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
   for path in (tmp_path / 'two' / 'checkpoints' / '6').rglob('*'):
     if path.is_file():
       path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-  out = cli(*args, '--config.num_train_steps=8', f'--workdir={tmp_path / "two"}', processes=2)
+  logs = tmp_path / 'logs'
+  resume = ['--config.num_train_steps=8', f'--workdir={tmp_path / "two"}', '--verbosity=0']
+  out = cli(*args, *resume, processes=2, logs=logs)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stderr.count('resumed from the checkpoint at step 3') == 2
+  for i in (0, 1):  # an explicit --verbosity keeps every process's INFO, in its own log
+    assert 'resumed from the checkpoint at step 3' in (logs / f'process_{i}.log').read_text()
   assert 'FileNotFoundError' not in out.stderr
   moved = [p for p in os.listdir(tmp_path / 'two' / 'checkpoints') if 'unreadable' in p]
   assert [p.split('.')[0] for p in moved] == ['6']
@@ -168,6 +175,7 @@ def test_a_dead_process_stops_the_others(text_file, tmp_path):
     '--num_processes=2',
     '--devices_per_process=1',
     '--grace_seconds=5',
+    f'--process_logs={tmp_path / "logs"}',
     '--',
     sys.executable,
     '-m',

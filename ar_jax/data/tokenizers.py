@@ -88,7 +88,15 @@ class Tokenizer:
     """One token stream: the documents in order, each followed by eos when there is one."""
     parts = []
     for i, doc in enumerate(docs):
-      parts.append(self.encode(doc if self.kind == 'byte' else decode_utf8(doc, f'{name}[{i}]')))
+      try:
+        parts.append(self.encode(doc if self.kind == 'byte' else decode_utf8(doc, f'{name}[{i}]')))
+      except ConfigError as e:
+        if self.kind != 'char':
+          raise
+        raise ConfigError(
+          f"{name}[{i}]: {e}. A character vocabulary holds only the training split's "
+          "characters: data.tokenizer='byte' reads any text"
+        ) from e
       if self.eos_id is not None:
         parts.append(np.array([self.eos_id], np.int32))
     tokens = np.concatenate(parts)
