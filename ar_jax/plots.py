@@ -17,6 +17,13 @@ def figure(width: float = 6.0, height: float = 4.5):
   return Figure(figsize=(width, height), layout='constrained')
 
 
+def style(i: int) -> dict:
+  """The i-th of 40 curve styles told apart by colour and line: ten colours, then dashed..."""
+  from matplotlib import colormaps
+
+  return {'color': colormaps['tab10'](i % 10), 'linestyle': ('-', '--', ':', '-.')[i // 10 % 4]}
+
+
 def save(fig, path) -> pathlib.Path:
   path = pathlib.Path(path)
   fig.savefig(path, dpi=120)

@@ -90,7 +90,7 @@ class Progress:
       logged['train/loss'],
       tokens_per_sec,
       100 * logged['train/mfu'],
-      _duration(eta),
+      duration(eta),
     )
     return logged
 
@@ -123,7 +123,7 @@ def memory_per_device(compiled) -> dict[str, float]:
   }
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   seconds = int(seconds)
   return (
     f'{seconds // 3600}h{seconds // 60 % 60:02d}m'

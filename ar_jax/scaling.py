@@ -192,6 +192,20 @@ class Fit:
     q = 50 * (1 - level), 50 * (1 + level)
     return {k: tuple(float(p) for p in np.percentile(v, q)) for k, v in self.samples.items()}
 
+  def identified(self, level: float = 0.95) -> dict[str, bool]:
+    """Whether the runs pin each estimate down: the scales E, A and B (fitted in log space)
+    when their interval spans less than a factor of 100, the exponents when it is narrower
+    than twice the estimate. An E that runs off to 0 (1e-60, interval from 1e-276) means the
+    runs cannot tell the irreducible loss from the power-law terms: it is no estimate."""
+    out = {}
+    for k, (low, high) in self.interval(level).items():
+      value = getattr(self.law, k)
+      if k in ('E', 'A', 'B'):
+        out[k] = bool(low > 0 and high / low < 100 and value > 1e-12)
+      else:
+        out[k] = bool(high - low < 2 * abs(value))
+    return out
+
 
 def bootstrap(
   N,

@@ -174,13 +174,13 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 
 
 def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str):
-  """Train loss and the eval metric of every run against tokens or training FLOPs; one
-  colour per variant."""
-  from matplotlib import colormaps  # here: only the reports need matplotlib
+  """Train loss and the eval metric of every run against tokens or training FLOPs; one style
+  per variant, named in a legend beside the axes."""
+  from matplotlib import ticker  # here: only the reports need matplotlib
 
-  fig = plots.figure(11, 4)
-  ax_train, ax_eval = fig.subplots(1, 2)
   variants = list(dict.fromkeys(r.variant for r in runs))
+  fig = plots.figure(11, max(4, 0.2 * len(variants) + 1))
+  ax_train, ax_eval = fig.subplots(1, 2)
   labelled = set()
   for r in runs:
     if against == 'flops' and not r.final:
@@ -188,31 +188,41 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
     scale = r.tokens_per_step * (
       3 * r.final['forward_flops_per_token'] if against == 'flops' else 1
     )
-    colour = colormaps['tab20'](variants.index(r.variant) % 20)
     label = None if r.variant in labelled else r.variant  # one legend entry per variant
     labelled.add(r.variant)
     for ax, key in ((ax_train, 'train/loss'), (ax_eval, metric)):
       steps, values = r.series(key)
-      ax.plot(steps * scale, values, color=colour, label=label, marker='.' if ax is ax_eval else '')
+      style = plots.style(variants.index(r.variant))
+      if ax is ax_eval:
+        ax.plot(steps * scale, values, label=label, marker='.', **style)
+      else:
+        ax.plot(steps * scale, values, **style)
   for ax, key in ((ax_train, 'train/loss (nats/token)'), (ax_eval, metric)):
     ax.set_xscale('log')
+    # Ticks at 1, 2 and 5 per decade, labelled, and no minor labels: those collide.
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel('training FLOPs' if against == 'flops' else 'training tokens')
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
-  ax_eval.legend(fontsize=7)
+  fig.legend(loc='outside right upper', fontsize='small')
   return plots.save(fig, path)
 
 
 def plot_final(groups: Sequence[Summary], metric: str, path: str):
-  """The final metric per variant, mean with an sd error bar over seeds."""
-  fig = plots.figure(max(5, 0.6 * len(groups) + 2), 4)
+  """The final metric per variant, best at the top, mean with an sd error bar over seeds."""
+  fig = plots.figure(8, 0.3 * len(groups) + 1.5)
   ax = fig.subplots()
   means, sds = zip(*(g.stat(metric) for g in groups), strict=True)
-  ax.bar(range(len(groups)), means, yerr=np.nan_to_num(sds), capsize=4, color='tab:blue')
-  ax.set_xticks(range(len(groups)), [g.variant for g in groups], rotation=30, ha='right')
-  ax.set_ylabel(f'{metric} (mean ± sd over seeds)')
+  bars = ax.barh(range(len(groups)), means, xerr=np.nan_to_num(sds), capsize=3)
+  ax.bar_label(bars, [pm(m, s) for m, s in zip(means, sds, strict=True)], padding=4, fontsize=8)
+  ax.set_yticks(range(len(groups)), [g.variant for g in groups], fontsize=8)
+  ax.invert_yaxis()
+  ax.set(xlabel=metric, title=f'final {metric}: mean ± sd over seeds')
   low = min(m - np.nan_to_num(s) for m, s in zip(means, sds, strict=True))
-  ax.set_ylim(bottom=0.95 * low)
+  high = max(m + np.nan_to_num(s) for m, s in zip(means, sds, strict=True))
+  ax.set_xlim(low - 0.05 * abs(low), high + 0.25 * (high - low) + 1e-9)  # room for the labels
   return plots.save(fig, path)
 
 

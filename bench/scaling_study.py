@@ -43,6 +43,9 @@ def main(argv):
   print(f'\n{len(finished)} runs, sweep + report in {wall / 60:.1f} min; report: {root}/report.md')
   law = fit.law
   print(f'law: E={law.E:.3f} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.3f} beta={law.beta:.3f}')
+  unidentified = [k for k, ok in fit.identified().items() if not ok]
+  if unidentified:
+    print(f'not identified by these runs (95% intervals too wide): {", ".join(unidentified)}')
   for name, value, (low, high) in (
     ('a (law)', law.a, interval['a']),
     ('b (law)', law.b, interval['b']),

@@ -132,9 +132,12 @@ def report(runs, plots_dir):
   plots.isoflop_profiles(iso, f'{plots_dir}/scaling_isoflops.png')
   plots.scaling_residuals(N, D, L, law, f'{plots_dir}/scaling_residuals.png')
 
+  identified = fit.identified()
+
   def estimate(name: str, value: float) -> list[str]:
     low, high = interval[name]
-    return [name, f'{value:.4g}', f'{stderr[name]:.3g}', f'[{low:.4g}, {high:.4g}]']
+    shown = f'{value:.4g}' if identified[name] else f'not identified ({value:.2g})'
+    return [name, shown, f'{stderr[name]:.3g}', f'[{low:.4g}, {high:.4g}]']
 
   parametric = study.markdown_table(
     ('parameter', 'estimate', 'bootstrap sd', '95% interval'),
@@ -189,7 +192,9 @@ def report(runs, plots_dir):
     [
       f'## Scaling law L(N, D) = E + A / N^alpha + B / D^beta\n\n{len(finished)} runs; Huber '
       '(delta 1e-3) on log loss, L-BFGS from a grid of starts; 200 bootstrap resamples of '
-      'the runs. N: every parameter; D: training tokens; L: held-out loss in nats per byte.',
+      'the runs. N: every parameter; D: training tokens; L: held-out loss in nats per byte. '
+      'A scale whose interval spans more than a factor of 100, or an exponent whose interval '
+      'is wider than twice it, is marked "not identified": these runs do not determine it.',
       parametric,
       '## Compute-optimal allocation\n\n' + optimal + notes,
       budgets,

@@ -24,6 +24,7 @@ ROOT/sweep.json records the expansion for ar_jax.study.
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import signal
@@ -38,6 +39,7 @@ from absl import app, flags
 from ar_jax import cli
 from ar_jax.config import load_experiment
 from ar_jax.errors import ConfigError, check
+from ar_jax.progress import duration
 
 flags.DEFINE_string('config', None, 'experiments/NAME.py[:ARG]: a file with sweep(add, arg).')
 flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
@@ -139,13 +141,13 @@ def run_local(runs: list[Run], config_path: str, root: str, parallel: int) -> in
   running ones (they checkpoint and stop; the next invocation resumes them)."""
   logs = os.path.join(root, 'logs')
   os.makedirs(logs, exist_ok=True)
-  pending, active, failed = list(runs), {}, []
-  stopping = False
+  pending, active, failed, durations = list(runs), {}, [], []
+  stopping, began = False, time.monotonic()
 
   def stop(signum, frame):
     nonlocal stopping
     stopping = True
-    for proc, _ in active.values():
+    for proc, _, _ in active.values():
       proc.send_signal(signum)
 
   for s in (signal.SIGTERM, signal.SIGINT):
@@ -156,22 +158,35 @@ def run_local(runs: list[Run], config_path: str, root: str, parallel: int) -> in
       command = [sys.executable, *run.command(config_path)[1:]]
       log = open(os.path.join(logs, f'{run.name}.log'), 'a')  # noqa: SIM115 - closed below
       print(f'start  {run.name}', flush=True)
-      active[run.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
-    for name, (proc, log) in list(active.items()):
+      proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+      active[run.name] = (proc, log, time.monotonic())
+    for name, (proc, log, started) in list(active.items()):
       if proc.poll() is None:
         continue
       log.close()
       del active[name]
+      durations.append(time.monotonic() - started)
       ok = proc.returncode == 0 and os.path.exists(os.path.join(root, name, 'final.json'))
-      print(f'{"done  " if ok else "FAILED"} {name}', flush=True)
       if not ok:
         failed.append(name)
+      print(
+        f'{"done  " if ok else "FAILED"} {name} in {duration(durations[-1])} | '
+        f'{len(durations)}/{len(runs)} runs | elapsed {duration(time.monotonic() - began)} | '
+        f'eta {_eta(durations, len(pending) + len(active), parallel)}',
+        flush=True,
+      )
     if stopping and not active:
       break
     time.sleep(0.2)
   for name in failed:
     print(f'run {name} failed or stopped early: see {os.path.join(logs, name + ".log")}')
   return len(failed) + (len(pending) if stopping else 0)
+
+
+def _eta(durations: list[float], left: int, parallel: int) -> str:
+  """The runs left at the mean duration so far, `parallel` at a time (the running ones are
+  counted whole: a bound, not a guess at how far they are)."""
+  return duration(sum(durations) / len(durations) * math.ceil(left / parallel))
 
 
 def write_slurm(runs: list[Run], config_path: str, root: str, parallel: int) -> str:

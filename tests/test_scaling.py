@@ -94,6 +94,17 @@ def test_synthetic_law_is_recovered_and_bootstrap_covers_the_truth():
   # The interval is informative, not the whole plausible range.
   assert hi - lo < 0.1
   assert fit.samples['alpha'].shape == (40,)
+  assert all(fit.identified().values())
+
+
+def test_an_irreducible_loss_the_runs_cannot_see_is_reported_unidentified():
+  """Runs far from the floor (E is 1e-4 of the loss) leave E free to run off to 0."""
+  N, D, _ = synthetic_runs()
+  truth = scaling.Law(E=1e-4, A=TRUTH.A, B=TRUTH.B, alpha=TRUTH.alpha, beta=TRUTH.beta)
+  L = truth.predict(N, D) * np.exp(0.005 * np.random.default_rng(0).standard_normal(N.shape))
+  identified = scaling.bootstrap(N, D, L, n_boot=20, seed=1).identified()
+  assert not identified['E']
+  assert identified['alpha'] and identified['beta']
 
 
 def test_optimal_is_on_the_iso_compute_line_and_minimises_the_loss_along_it():

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -88,6 +89,13 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
   first = launch(root)
   assert first.returncode == 0, first.stdout + first.stderr
   names = [r['name'] for r in json.loads((root / 'sweep.json').read_text())['runs']]
+  # Progress: runs done of all, elapsed and what is left.
+  done = [ln for ln in first.stdout.splitlines() if ln.startswith('done')]
+  assert [re.search(r'\| (\d/\d) runs \| elapsed \S+ \| eta ', ln)[1] for ln in done] == [
+    '1/2',
+    '2/2',
+  ]
+  assert done[-1].endswith('eta 0m00s')
   finals = {n: json.loads((root / n / 'final.json').read_text()) for n in names}
   assert all(f['step'] == 4 for f in finals.values())
 
