@@ -1,5 +1,5 @@
-"""Beam search with the GNMT length penalty, for any model that implements the model
-contract's cached step, on the prefill and decoding loop of decoding.py.
+"""Beam search with GNMT's or Hugging Face's length penalty, for any model that implements
+the model contract's cached step, on the prefill and decoding loop of decoding.py.
 
 Dimension legend: B prompts, W beams, R rows decoded together (B * W), P longest prompt,
 L = P + new tokens, V vocab, K beam candidates.
@@ -14,10 +14,17 @@ import jax.numpy as jnp
 from ar_jax.decoding import Generation, checked_prompts, decode_loop, eos_arg, prefill, repeat_rows
 from ar_jax.errors import check
 
+# Beam scores are log p divided by a penalty growing with the new tokens' length (eos counted).
+LENGTH_PENALTIES = {
+  'gnmt': lambda length, alpha: ((5.0 + length) / 6.0) ** alpha,  # Wu et al. 2016, eq. 14
+  'hf': lambda length, alpha: length**alpha,  # Hugging Face generate's length_penalty
+}
 
-def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
-  """GNMT's ((5 + length) / 6) ** alpha (Wu et al. 2016); beam scores are log p divided by it."""
-  return ((5.0 + length) / 6.0) ** alpha
+
+def length_penalty(length: jax.Array, alpha: float, kind: str = 'gnmt') -> jax.Array:
+  """The penalty a hypothesis of `length` new tokens is divided by: GNMT's
+  ((5 + length) / 6) ** alpha or Hugging Face's length ** alpha."""
+  return LENGTH_PENALTIES[kind](length, alpha)
 
 
 def search(
@@ -28,16 +35,24 @@ def search(
   *,
   beam_size: int,
   length_penalty_alpha: float = 0.6,
+  length_penalty_kind: str = 'gnmt',
+  early_stopping: bool = False,
   prompt_lengths: Any = None,
   eos_id: int | None = None,
 ) -> Generation:
   """The beam_size best continuations of each prompt, [B, W], best first.
 
   A hypothesis ends at eos_id (kept, included in its length) or after max_new_tokens; its
-  score is its log-probability divided by length_penalty(new tokens, alpha). A prompt's
-  search stops once no unfinished beam can beat its W-th finished hypothesis.
+  score is its log-probability divided by length_penalty(new tokens, alpha, kind). A prompt's
+  search stops once no unfinished beam can beat its W-th finished hypothesis (exact: Hugging
+  Face's early_stopping='never'), or with early_stopping as soon as it has W finished ones
+  (Hugging Face's early_stopping=True: faster, and it may miss a better longer hypothesis).
   """
   check(beam_size >= 1, f'beam_size must be positive, got {beam_size}')
+  check(
+    length_penalty_kind in LENGTH_PENALTIES,
+    f'length_penalty_kind={length_penalty_kind!r}; allowed: {", ".join(LENGTH_PENALTIES)}',
+  )
   # Log-probabilities only fall as a beam grows, so with alpha >= 0 a beam's score now,
   # divided by the longest length's penalty, bounds every score it can reach: the stop rule.
   check(
@@ -56,6 +71,8 @@ def search(
     shortest=shortest,
     beam_size=beam_size,
     alpha=float(length_penalty_alpha),
+    kind=length_penalty_kind,
+    early_stopping=bool(early_stopping),
     eos_id=eos_arg(eos_id),
   )
 
@@ -71,10 +88,30 @@ class _Beams(NamedTuple):
 
 
 @functools.partial(
-  jax.jit, static_argnames=('model', 'max_new_tokens', 'shortest', 'beam_size', 'alpha')
+  jax.jit,
+  static_argnames=(
+    'model',
+    'max_new_tokens',
+    'shortest',
+    'beam_size',
+    'alpha',
+    'kind',
+    'early_stopping',
+  ),
 )
 def _search(
-  model, params, prompts_BP, lengths_B, *, max_new_tokens, shortest, beam_size, alpha, eos_id
+  model,
+  params,
+  prompts_BP,
+  lengths_B,
+  *,
+  max_new_tokens,
+  shortest,
+  beam_size,
+  alpha,
+  kind,
+  early_stopping,
+  eos_id,
 ):
   prompts_BL, logits_BV, cache = prefill(
     model, params, prompts_BP, lengths_B, max_new_tokens, shortest
@@ -83,7 +120,7 @@ def _search(
   logits_RV = jnp.repeat(logits_BV, W, axis=0)
   cache = repeat_rows(model, cache, W)
   limit_B = lengths_B + max_new_tokens
-  best_penalty = length_penalty(max_new_tokens, alpha)
+  best_penalty = length_penalty(max_new_tokens, alpha, kind)
 
   def take(a_BK, index_BW):
     """Entries [b, index[b, w]] of a [B, K, ...] array."""
@@ -116,7 +153,10 @@ def _search(
     )
 
     new_B = t + 1 - lengths_B
-    ended_BK = jnp.where(ends_BK, candidates_BK / length_penalty(new_B, alpha)[:, None], -jnp.inf)
+    if early_stopping:  # a prompt with W finished hypotheses takes no more
+      ends_BK &= (beams.finished.scores[:, -1] == -jnp.inf)[:, None]
+    penalty_B = length_penalty(new_B, alpha, kind)
+    ended_BK = jnp.where(ends_BK, candidates_BK / penalty_B[:, None], -jnp.inf)
     pool = Generation(
       tokens=jnp.concatenate([beams.finished.tokens, tokens_BKL], 1),
       log_probs=jnp.concatenate([beams.finished.log_probs, log_probs_BKL], 1),
@@ -129,7 +169,9 @@ def _search(
     finished = Generation(*(take(a, keep_BW) for a in pool[:3]), finished_scores)
 
     beams = _Beams(take(tokens_BKL, pick_BW), take(log_probs_BKL, pick_BW), alive_scores, finished)
+    full_B = finished_scores[:, -1] > -jnp.inf
     done_B = (t + 1 >= limit_B) | (finished_scores[:, -1] >= alive_scores[:, 0] / best_penalty)
+    done_B |= full_B if early_stopping else False
     return beams, cache, beams.alive_tokens[:, :, t].reshape(-1), jnp.all(done_B)
 
   tokens_BWL = jnp.repeat(prompts_BL[:, None], W, axis=1)

@@ -35,7 +35,19 @@ flags.DEFINE_integer(
   'Above 1: beam search of this width (the sampling flags do not apply).',
   lower_bound=1,
 )
-flags.DEFINE_float('length_penalty', 0.6, "Beam search: GNMT's alpha; 0 ranks by log p alone.")
+flags.DEFINE_float('length_penalty', 0.6, 'Beam search: the exponent alpha; 0 ranks by log p.')
+flags.DEFINE_enum(
+  'length_penalty_kind',
+  'gnmt',
+  ['gnmt', 'hf'],
+  "Beam search: divide log p by GNMT's ((5 + length) / 6)^alpha or Hugging Face's length^alpha.",
+)
+flags.DEFINE_bool(
+  'early_stopping',
+  False,
+  'Beam search: stop a prompt at its first --beam_size finished hypotheses (Hugging Face '
+  'early_stopping=True), not once no unfinished beam can beat them (exact).',
+)
 flags.DEFINE_integer(
   'num_samples',
   1,
@@ -80,6 +92,8 @@ def continuations(f: flags.FlagValues, model, params, tokenizer, prompts: list[s
       f.max_new_tokens,
       beam_size=f.beam_size,
       length_penalty_alpha=f.length_penalty,
+      length_penalty_kind=f.length_penalty_kind,
+      early_stopping=f.early_stopping,
       **common,
     )
     out = jax.tree.map(lambda a: a[:, :n_samples], out)

@@ -162,11 +162,15 @@ def brute_force(model, params, prompt, new: int, eos: int, width: int) -> dict:
   return hypotheses
 
 
-def check_beams(beams: decoding.Generation, b: int, prompt_length: int, log_p: dict, alpha):
-  """Asserts that row b of beams holds the W best hypotheses, by log p / the GNMT length
+# The length penalties by their published formulas, written out here.
+PENALTIES = {'gnmt': lambda n, alpha: ((5 + n) / 6) ** alpha, 'hf': lambda n, alpha: n**alpha}
+
+
+def check_beams(beams, b: int, prompt_length: int, log_p: dict, alpha, kind='gnmt'):
+  """Asserts that row b of beams holds the W best hypotheses, by log p / the length
   penalty, best first; returns them."""
   W = beams.scores.shape[1]
-  scores = {h: lp / ((5 + len(h)) / 6) ** alpha for h, lp in log_p.items()}
+  scores = {h: lp / PENALTIES[kind](len(h), alpha) for h, lp in log_p.items()}
   best = sorted(scores, key=scores.get, reverse=True)[:W]
   found = [tuple(beams.tokens[b, w, prompt_length : beams.lengths[b, w]]) for w in range(W)]
   assert found == best
@@ -183,7 +187,7 @@ def test_beam_search_returns_the_top_w_of_brute_force_enumeration():
   prompts, lengths = np.array([[2, 0], [1, 2]]), np.array([1, 2])
   log_p = [brute_force(model, params, prompts[b, :P], new, eos, 5) for b, P in enumerate(lengths)]
   assert [len(h) for h in log_p] == [40, 40]
-  for alpha in (0.0, 1.5):
+  for alpha, kind in ((0.0, 'gnmt'), (1.5, 'gnmt'), (0.7, 'hf')):
     beams = beam.search(
       model,
       params,
@@ -191,11 +195,12 @@ def test_beam_search_returns_the_top_w_of_brute_force_enumeration():
       new,
       beam_size=W,
       length_penalty_alpha=alpha,
+      length_penalty_kind=kind,
       prompt_lengths=lengths,
       eos_id=eos,
     )
     for b, P in enumerate(lengths):
-      best = check_beams(beams, b, P, log_p[b], alpha)
+      best = check_beams(beams, b, P, log_p[b], alpha, kind)
       assert len({len(h) for h in best}) > 1, 'no best hypothesis ended at eos: too easy a case'
 
 
@@ -211,6 +216,24 @@ def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
   log_p = brute_force(model, params, [0], new, eos, 1 + new)
   best = check_beams(beams, 0, 1, log_p, alpha)
   assert len(best[0]) > 2, 'the best hypothesis ended within two steps: too easy a case'
+
+  # Hugging Face's early_stopping=True stops at the first W finished hypotheses instead:
+  # those that end soonest, by log p / length^alpha among them.
+  early = beam.search(
+    model,
+    params,
+    np.array([[0]]),
+    new,
+    beam_size=2,
+    length_penalty_alpha=alpha,
+    length_penalty_kind='hf',
+    early_stopping=True,
+    eos_id=eos,
+  )
+  tokens, lengths = np.asarray(early.tokens), np.asarray(early.lengths)
+  found = [tuple(tokens[0, w, 1 : lengths[0, w]].tolist()) for w in range(2)]
+  assert sorted(map(len, found)) == [1, 2]  # eos at once, and after one token
+  np.testing.assert_allclose(early.scores[0], [log_p[h] / len(h) ** alpha for h in found], 1e-5)
 
 
 def filtered_probs(logits, temperature, top_k, top_p):

@@ -14,6 +14,7 @@ import pytest
 from ar_jax import models, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
+from ar_jax.errors import ConfigError
 from ar_jax.models import cells, rnn
 from tests.helpers import family_config, read_jsonl, tiny_config
 
@@ -128,6 +129,33 @@ def test_hand_written_bptt_equals_jax_grad():
     }
     for name, value in pairs.items():
       np.testing.assert_allclose(value, ref[name], rtol=2e-4, atol=2e-6, err_msg=f'{name} T={T}')
+
+
+def test_float64_parameters_compute_in_float64_under_x64():
+  """With jax_enable_x64 and float64 parameters, the matmuls accumulate (and the state
+  stays) in float64: the gradient equals float64 BPTT to rounding, not to float32's 1e-7.
+  A decoding cache keeps its float32, so a sampling loop carries one type."""
+  tokens = np.random.default_rng(0).integers(0, 7, size=13)
+  with jax.enable_x64(True):
+    model, params = make(vocab=7, cell='elman', num_layers=1, d_embed=5, d_hidden=6)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+
+    def loss(p):
+      logits = model.apply({'params': p}, jnp.asarray(tokens)[None, :-1])
+      assert logits.dtype == jnp.float64
+      return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[None, 1:, None], -1))
+
+    grad = jax.grad(loss)(params)
+    ref = numpy_bptt(params, tokens)
+    np.testing.assert_allclose(grad['layer_0']['recurrent_kernel'].T, ref['W_hh'], atol=1e-12)
+    cache = model.init_cache(1)
+    _, after = model.apply({'params': params}, jnp.asarray(tokens)[None], cache, method='step')
+    assert jax.tree.map(lambda a: a.dtype, after) == jax.tree.map(lambda a: a.dtype, cache)
+
+
+def test_a_compute_dtype_outside_the_supported_ones_is_named():
+  with pytest.raises(ConfigError, match=r"model.dtype='float8'; allowed: float32, bfloat16"):
+    make(dtype='float8')
 
 
 def sigmoid(x):

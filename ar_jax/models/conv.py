@@ -64,10 +64,7 @@ class Config:
     )
     check(self.dilation_base >= 1, f'model.dilation_base must be >= 1, got {self.dilation_base}')
     check(self.skip_channels >= 0, f'model.skip_channels must be >= 0, got {self.skip_channels}')
-    check(
-      self.dtype in ('float32', 'bfloat16', 'float16'),
-      f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
-    )
+    layers.check_dtype(self.dtype)
     layers.check_remat(self.remat)
 
   @property

@@ -24,6 +24,13 @@ REMAT_POLICIES = {
 }
 
 
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def check_dtype(dtype: str) -> None:
+  check(dtype in COMPUTE_DTYPES, f'model.dtype={dtype!r}; allowed: {", ".join(COMPUTE_DTYPES)}')
+
+
 def check_remat(policy: str) -> None:
   check(policy in REMAT_POLICIES, f'model.remat={policy!r}; allowed: {", ".join(REMAT_POLICIES)}')
 
@@ -87,19 +94,20 @@ class Dense(nn.Module):
   in_dims: int = 1
   use_bias: bool = True
   init_std: float = 0.02
-  dtype: Dtype = jnp.float32
+  dtype: Dtype | None = jnp.float32  # None: the wider of x's and the kernel's
 
   @nn.compact
   def __call__(self, x):
     lead, inner = x.shape[: -self.in_dims], x.shape[-self.in_dims :]
     init = dense_init(self.names, self.init_std)
     kernel = self.param('kernel', init, (*inner, *self.features))
+    dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
     n_in, n_out = math.prod(inner), math.prod(self.features)
-    y = x.reshape(-1, n_in).astype(self.dtype) @ kernel.reshape(n_in, n_out).astype(self.dtype)
+    y = x.reshape(-1, n_in).astype(dtype) @ kernel.reshape(n_in, n_out).astype(dtype)
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[self.in_dims :]), self.features)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(dtype)
     return y
 
 

@@ -78,10 +78,7 @@ class Config:
     for name in ('kernel_size', 'first_kernel_size'):
       size = getattr(self, name)
       check(size > 0 and size % 2 == 1, f'model.{name} must be odd and positive, got {size}')
-    check(
-      self.dtype in ('float32', 'bfloat16', 'float16'),
-      f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
-    )
+    layers.check_dtype(self.dtype)
     layers.check_remat(self.remat)
 
   @property

@@ -69,7 +69,9 @@ class Config:
   dropout: float = 0.0  # between layers and before the output, never on the recurrence
   unroll: int = 1  # time steps per loop iteration of the scans (a speed knob only)
   remat: str = 'none'  # recompute each layer's loop in the backward pass: see layers.REMAT_POLICIES
-  dtype: str = 'float32'  # compute dtype of the matmuls; state and gates stay float32
+  # Compute dtype of the matmuls (bfloat16, float16: reduced precision); the state and gates
+  # stay in float32, or in the parameters' float64 under jax_enable_x64.
+  dtype: str = 'float32'
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_embed', 'd_hidden', 'unroll'):
@@ -81,6 +83,7 @@ class Config:
     )
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
     layers.check_remat(self.remat)
+    layers.check_dtype(self.dtype)
 
 
 _NN = ((1,), (0,))  # a @ b
@@ -89,15 +92,24 @@ _TIME_BATCH = ((0, 1), (0, 1))  # summed over time and batch: the kernels' gradi
 
 
 def _matmul(a, b, dtype, contracting):
-  """A matmul with operands in the compute dtype, accumulated and returned in float32.
+  """A matmul with operands in the compute dtype, accumulated and returned in the wider of
+  float32 and it (float64 where the parameters are, under jax_enable_x64).
 
   The state and gates are float32, so a float32 result costs nothing; and XLA:CPU runs
   bf16 x bf16 -> float32 on the AMX units, while a bf16 result takes a path slower than
   float32 (about 2.5x and 0.9x float32's speed at these shapes).
   """
   return jax.lax.dot_general(
-    a.astype(dtype), b.astype(dtype), (contracting, ((), ())), preferred_element_type=jnp.float32
+    a.astype(dtype),
+    b.astype(dtype),
+    (contracting, ((), ())),
+    preferred_element_type=jnp.promote_types(jnp.float32, dtype),
   )
+
+
+def _state_dtype(param_dtype) -> jnp.dtype:
+  """The state's and gates' dtype: float32, or the parameters' when wider (float64)."""
+  return jnp.promote_types(jnp.float32, param_dtype)
 
 
 def _mask(carry, keep_B):
@@ -192,7 +204,6 @@ class RecurrentLayer(nn.Module):
     cfg = self.config
     cell = cells.make_cell(cfg.cell, cfg.activation)
     S, G = cfg.d_hidden, cell.gates * cfg.d_hidden
-    dtype = jnp.dtype(cfg.dtype)
     w_x = self.param(
       'input_kernel',
       layers.partitioned(nn.initializers.lecun_normal(), ('rnn_in', 'rnn_gates')),
@@ -216,6 +227,11 @@ class RecurrentLayer(nn.Module):
       else nn.with_logical_constraint(w, (None,) * (w.ndim - 1) + ('rnn_step_gates',))
       for w in (w_x, b_x, w_h, b_h)
     )
+    # Reduced precision where asked; otherwise the parameters' own (float64 ones stay float64).
+    state = _state_dtype(w_x.dtype)
+    dtype = jnp.dtype(cfg.dtype) if jnp.finfo(cfg.dtype).bits < 32 else state
+    carry = tuple(c.astype(state) for c in carry)
+    x_TBD, keep_TB = x_TBD.astype(jnp.promote_types(x_TBD.dtype, state)), keep_TB.astype(state)
     return recurrence(cell, cfg.unroll, dtype, x_TBD, w_x, b_x, w_h, b_h, carry, keep_TB)
 
   def _bias_init(self, cell: cells.Cell):
@@ -264,12 +280,17 @@ class Model(nn.Module):
         for _ in range(cfg.num_layers + 1)
       ]
     self.head = layers.Dense(
-      (cfg.vocab_size,), ('rnn_hidden', 'vocab'), init_std=cfg.d_hidden**-0.5, name='head'
+      (cfg.vocab_size,),
+      ('rnn_hidden', 'vocab'),
+      init_std=cfg.d_hidden**-0.5,
+      dtype=None,  # the state's: float32, or float64 under jax_enable_x64
+      name='head',
     )
     self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
   def embed(self, tokens_BT: jax.Array) -> jax.Array:
-    return self.token_embed(tokens_BT).astype(jnp.float32)
+    x = self.token_embed(tokens_BT)
+    return x.astype(_state_dtype(x.dtype))
 
   def step(
     self, tokens_BT: jax.Array, cache: tuple, embeddings_BTE: jax.Array | None = None
@@ -289,7 +310,8 @@ class Model(nn.Module):
     for i, layer in enumerate(self.layers):
       inputs_TBD = self.norms[i](x_TBD) if cfg.layer_norm else x_TBD
       h_TBS, carry = layer(inputs_TBD, cache[i], keep_TB)
-      new_cache.append(carry)
+      # The cache keeps its own dtype: a decoding loop carries it unchanged.
+      new_cache.append(tuple(c.astype(old.dtype) for c, old in zip(carry, cache[i], strict=True)))
       h_TBS = self.drop(h_TBS)
       x_TBD = x_TBD + h_TBS if cfg.residual and x_TBD.shape == h_TBS.shape else h_TBS
       x_TBD = nn.with_logical_constraint(x_TBD, ('length', 'batch', 'rnn_hidden'))
@@ -298,8 +320,10 @@ class Model(nn.Module):
     return jnp.swapaxes(self.readout(x_TBD), 0, 1), tuple(new_cache)
 
   def readout(self, h: jax.Array) -> jax.Array:
-    """Output logits W_y h + b_y, in float32, for states h of any leading shape."""
-    return self.head(h.astype(jnp.float32)).astype(jnp.float32)
+    """Output logits W_y h + b_y, in float32 (or the state's float64), for states h of any
+    leading shape."""
+    logits = self.head(h.astype(_state_dtype(h.dtype)))
+    return logits.astype(_state_dtype(logits.dtype))
 
   def __call__(self, tokens_BT: jax.Array, embeddings_BTE: jax.Array | None = None) -> jax.Array:
     """Teacher forcing from a zero state: logits_BTV."""

@@ -66,10 +66,7 @@ class Config:
     )
     layers.check_remat(self.remat)
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    check(
-      self.dtype in ('float32', 'bfloat16', 'float16'),
-      f'model.dtype={self.dtype!r}; allowed: float32, bfloat16, float16',
-    )
+    layers.check_dtype(self.dtype)
 
   @property
   def ff_width(self) -> int:
