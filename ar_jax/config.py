@@ -111,13 +111,13 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str]]) -> dict[str, str]:
+def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str] | None]) -> dict[str, str]:
   """'model=lstm,preset=nanogpt_cpu' -> {'model': 'lstm', 'preset': 'nanogpt_cpu'}.
 
-  Every key must be one of `choices`, and its value one of choices[key]; a key not given
-  takes the first of its choices.
+  Every key must be one of `choices`, and its value one of choices[key] (any value where
+  that is None, such as a path); a key not given takes the first of its choices ('').
   """
-  parsed = {k: v[0] for k, v in choices.items()}
+  parsed = {k: v[0] if v else '' for k, v in choices.items()}
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not choices:
@@ -126,7 +126,7 @@ def parse_arg(arg: str | None, choices: Mapping[str, Sequence[str]]) -> dict[str
       raise ConfigError(
         f'config arg {item!r} is not KEY=VALUE with KEY one of: {", ".join(choices)}'
       )
-    if value not in choices[key]:
+    if choices[key] is not None and value not in choices[key]:
       raise ConfigError(f'config arg {key}={value!r}; allowed: {", ".join(choices[key])}')
     parsed[key] = value
   return parsed

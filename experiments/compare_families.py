@@ -10,27 +10,33 @@ shakespeare_char.py: 12 x 64 characters a step), each family with its own preset
 (the recurrent ones statefully). The transformer is the reference (0.8M parameters); every
 other model's width is solved so that it has the transformer's parameter count
 (match=params) or its training FLOPs per token, hence its training FLOPs, as every run sees
-the same tokens (match=flops). Arg keys: model, match, and steps (2000, nanoGPT's CPU run;
-500 for a quick look: `--config=experiments/compare_families.py:steps=500`).
+the same tokens (match=flops). Arg keys: model, match, and steps (2000, nanoGPT's CPU run,
+unless given: 500 for a quick look, `--config=experiments/compare_families.py:steps=500`),
+and text=PATH to read the corpus from a text file (see experiments/shakespeare_char.py).
 """
 
 from ar_jax import models, study
 from ar_jax.config import parse_arg
+from ar_jax.errors import check
 from experiments import shakespeare_char, sizing
 
 VOCAB = 65  # tiny shakespeare's characters: what the char tokenizer builds from its train split
 CHOICES = {
   'model': shakespeare_char.CHOICES['model'],
   'match': ('params', 'flops'),
-  'steps': ('2000', '500'),
+  'steps': None,  # training steps: 2000 (nanoGPT's CPU run) unless given
+  'text': None,  # the corpus as a text file instead of TFDS (experiments/shakespeare_char.py)
 }
 SEEDS = 3
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, CHOICES)
-  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={args["model"]}')
-  c.num_train_steps = int(args['steps'])
+  text = f',text={args["text"]}' if args['text'] else ''
+  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={args["model"]}{text}')
+  steps = args['steps'] or '2000'
+  check(steps.isdigit() and int(steps) >= 4, f'config arg steps={steps!r}: an integer >= 4')
+  c.num_train_steps = int(steps)
   c.eval_every_steps = c.num_train_steps // 4  # four points on each learning curve
   if args['model'] != 'transformer':
     reference = shakespeare_char.get_config('preset=nanogpt_cpu').model

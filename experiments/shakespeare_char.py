@@ -10,6 +10,8 @@ windows; conv is a plain causal-conv stack seeing 33 characters, wavenet a dilat
 one whose receptive field is about twice the preset's window).
 Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
 validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
+Or text=PATH: the same corpus as a text file (char-rnn's input.txt), split 90/10 by position
+as nanoGPT splits it.
 """
 
 from ar_jax import models
@@ -18,6 +20,7 @@ from ar_jax.config import defaults, parse_arg
 CHOICES = {
   'preset': ('nanogpt_cpu', 'nanogpt_gpu'),
   'model': ('transformer', 'rnn', 'lstm', 'gru', 'conv', 'wavenet'),
+  'text': None,  # a path: read the corpus from this text file instead of TFDS
 }
 CELLS = {'rnn': 'elman', 'lstm': 'lstm', 'gru': 'gru'}
 
@@ -28,6 +31,8 @@ def get_config(arg: str | None = None):
   c.data.name = 'tiny_shakespeare'
   c.data.tokenizer = 'char'  # 65 characters, as nanoGPT's meta.pkl
   c.data.eval_splits = ('validation', 'test')  # = nanoGPT's val split (the last 10%)
+  if args['text']:  # the last 10% by position is the validation split: the same text
+    c.data.name, c.data.path, c.data.eval_splits = 'files', args['text'], ('validation',)
   # nanoGPT's GPT (no biases, output projection tied to the embedding) with one change:
   # rotary positions instead of learned ones. On the CPU preset they lower the val loss
   # from 1.90 to 1.79 (bench/nanogpt_cpu.py); --config.model.pos_encoding=learned gives
