@@ -63,9 +63,18 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.text_feature = 'text'  # the TFDS feature that holds each document's text
   c.data.train_split = 'train'
   c.data.eval_splits = ('validation',)  # evaluated as one pool, weighted by tokens
-  # 'byte' (256 values + eos), 'char' (built from train split), 'pixel' (images: one example
-  # per image, BOS and its sub-pixel values in raster order) or 'mulaw' (audio: 256 levels).
+  # 'byte' (256 values + eos), 'char' (built from train split), 'bpe' (byte-level, GPT-2's
+  # scheme), 'sentencepiece', 'pixel' (images: one example per image, BOS and its sub-pixel
+  # values in raster order) or 'mulaw' (audio: 256 levels).
   c.data.tokenizer = 'byte'
+  # bpe and sentencepiece: load this file (a Hugging Face tokenizer.json, a SentencePiece
+  # .model), or with '' train one of vocab_size tokens on the training split's first
+  # tokenizer_train_bytes.
+  c.data.tokenizer_path = ''
+  c.data.vocab_size = 8192
+  c.data.tokenizer_train_bytes = 100_000_000
+  c.data.sentencepiece_model_type = 'bpe'  # or 'unigram' (Kudo 2018)
+  c.data.eos_token = ''  # a loaded tokenizer's end of document: '' finds <|endoftext|>, </s>...
   c.data.seq_len = 256  # tokens per training window (the context the model learns)
   # 'random' windows (as nanoGPT), 'sequential' streams, or 'examples': whole examples of
   # seq_len + 1 tokens (images), each evaluated once with all its targets.

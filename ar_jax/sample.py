@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from ar_jax import beam, cli, decoding, workdir
-from ar_jax.data.tokenizers import decode_utf8
+from ar_jax.data.sources import decode_utf8
 from ar_jax.errors import check
 
 flags.DEFINE_string('workdir', None, 'A run directory written by ar_jax.main.')

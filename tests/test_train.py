@@ -55,7 +55,10 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     ({'model.name': 'mamba'}, r"unknown model.name='mamba'"),
     ({'model.num_heads': 3}, r'num_heads=3 does not divide model.d_model=16'),
     ({'batch_size': 0}, r'batch_size must be positive, got 0'),
-    ({'data.tokenizer': 'bpe'}, r"data.tokenizer='bpe'; allowed: char, byte"),
+    (
+      {'data.tokenizer': 'wordpiece'},
+      r"tokenizer='wordpiece'; allowed: char, byte, bpe, sentencepiece",
+    ),
   ],
 )
 def test_bad_input_is_named_before_anything_is_written(text_file, tmp_path, overrides, message):

@@ -33,11 +33,11 @@ def load(
       train=streams[data.train_split] if train else None,
       eval={split: streams[split] for split in data.eval_splits} if evaluation else {},
     )
-  build = tokenizer is None and data.tokenizer != 'byte'
+  build = tokenizer is None and tokenizers.needs_train_split(data)
   wanted = [data.train_split] * (train or build) + list(data.eval_splits) * evaluation
   docs = sources.load_splits(data, list(dict.fromkeys(wanted))) if wanted else {}
   if tokenizer is None:
-    tokenizer = tokenizers.build(data.tokenizer, docs.get(data.train_split, []))
+    tokenizer = tokenizers.from_config(data, docs.get(data.train_split, []))
   encode = lambda split: tokenizer.encode_documents(docs[split], f'{data.name}:{split}')
   return TokenStreams(
     tokenizer=tokenizer,

@@ -105,3 +105,14 @@ def _tfds_documents(data: Any, split: str) -> list[bytes]:
     docs.append(text if isinstance(text, bytes) else str(text).encode())
   check(bool(docs), f'TFDS dataset {data.name!r} split {split!r} is empty')
   return docs
+
+
+def decode_utf8(
+  raw: bytes, where: str, fix: str = "read it with data.tokenizer='byte' or fix the file"
+) -> str:
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(
+      f'{where} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}); {fix}'
+    ) from e

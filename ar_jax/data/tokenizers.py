@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ar_jax.data import subword
+from ar_jax.data.sources import decode_utf8
 from ar_jax.errors import ConfigError, check
 
-KINDS = ('char', 'byte')
+KINDS = ('char', 'byte', *subword.KINDS)
 # Tokens that are numbers: sub-pixel values (data/images.py), mu-law audio levels
 # (data/audio.py). Text reads and writes them as whitespace-separated integers.
 VALUE_KINDS = ('pixel', 'mulaw')
@@ -107,20 +109,35 @@ class Tokenizer:
       json.dump(dataclasses.asdict(self), f)
 
 
-def decode_utf8(
-  raw: bytes, where: str, fix: str = "read it with data.tokenizer='byte' or fix the file"
-) -> str:
-  try:
-    return raw.decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise ConfigError(
-      f'{where} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}); {fix}'
-    ) from e
+def needs_train_split(data) -> bool:
+  """Whether config.data's tokenizer is built from the training split's documents."""
+  return data.tokenizer == 'char' or (data.tokenizer in subword.KINDS and not data.tokenizer_path)
+
+
+def from_config(data, train_docs: Sequence[bytes]) -> Tokenizer | subword.Subword:
+  """config.data's tokenizer: loaded from data.tokenizer_path, or built from the training
+  split's documents (a subword one on their first data.tokenizer_train_bytes)."""
+  check(data.tokenizer in KINDS, f'data.tokenizer={data.tokenizer!r}; allowed: {", ".join(KINDS)}')
+  if data.tokenizer not in subword.KINDS:
+    return build(data.tokenizer, train_docs)
+  if data.tokenizer_path:
+    loaded = subword.load(data.tokenizer_path, data.eos_token)
+    check(
+      loaded.kind == data.tokenizer,
+      f'data.tokenizer_path={data.tokenizer_path} is a {loaded.kind} tokenizer, and '
+      f'data.tokenizer={data.tokenizer!r}',
+    )
+    return loaded
+  check(bool(train_docs), 'the training split is empty: there is nothing to train a tokenizer on')
+  texts = subword.sample_texts(train_docs, data.tokenizer_train_bytes)
+  if data.tokenizer == 'bpe':
+    return subword.train_bpe(texts, data.vocab_size)
+  return subword.train_sentencepiece(texts, data.vocab_size, data.sentencepiece_model_type)
 
 
 def build(kind: str, train_docs: Sequence[bytes]) -> Tokenizer:
-  """A tokenizer for the training split's documents."""
-  check(kind in KINDS, f'data.tokenizer={kind!r}; allowed: {", ".join(KINDS)}')
+  """A character or byte tokenizer for the training split's documents."""
+  check(kind in ('char', 'byte'), f'data.tokenizer={kind!r}; allowed: char, byte')
   if kind == 'byte':
     return Tokenizer('byte', tuple(chr(b) for b in range(256)) + ('<eos>',), eos_id=256)
   chars = set()
@@ -139,7 +156,10 @@ def values(kind: str, levels: int, bos: bool) -> Tokenizer:
   return Tokenizer(kind, vocab, eos_id=levels if bos else None)
 
 
-def load(path: str) -> Tokenizer:
+def load(path: str) -> Tokenizer | subword.Subword:
+  """A tokenizer a workdir saved (Tokenizer.save, Subword.save)."""
   with open(path) as f:
     d = json.load(f)
+  if d['kind'] in subword.KINDS:
+    return subword.Subword(**d)
   return Tokenizer(d['kind'], tuple(d['vocab']), d['eos_id'])
