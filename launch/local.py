@@ -65,8 +65,9 @@ def launch(
   ]
   files = [open(path, 'a') for path in logs]  # noqa: SIM115 - closed below
   relays = [
-    threading.Thread(target=_relay, args=(pipe, log, echo if i == 0 else None), daemon=True)
+    threading.Thread(target=_relay, args=(pipe, log, lock, echo if i == 0 else None), daemon=True)
     for i, (p, log) in enumerate(zip(procs, files, strict=True))
+    for lock in [threading.Lock()]  # a process's two streams share its log
     for pipe, echo in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))
   ]
   for t in relays:
@@ -86,11 +87,12 @@ def launch(
   return code
 
 
-def _relay(pipe: IO[str], log: IO[str], echo: IO[str] | None) -> None:
+def _relay(pipe: IO[str], log: IO[str], lock: threading.Lock, echo: IO[str] | None) -> None:
   """Copies a process's lines to its log, and process 0's to the console without gloo's."""
   for line in pipe:
-    log.write(line)
-    log.flush()
+    with lock:
+      log.write(line)
+      log.flush()
     if echo is not None and not line.startswith('[Gloo]'):
       echo.write(line)
       echo.flush()
