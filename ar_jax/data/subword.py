@@ -61,8 +61,10 @@ class Subword:
     if self.kind == 'bpe':
       added = {t.content: t.special for t in self._impl.get_added_tokens_decoder().values()}
       for token, i in self._impl.get_vocab(with_added_tokens=True).items():
-        # A byte-level token spells one byte per character; an added token is plain text.
-        sizes[i] = 0 if added.get(token) else len(token.encode()) if token in added else len(token)
+        if token in added:  # plain text, or a special token standing for no text
+          sizes[i] = 0 if added[token] else len(token.encode())
+        else:  # a byte-level token spells one byte per character
+          sizes[i] = len(token)
       return sizes
     sp = self._impl
     for i in range(self.vocab_size):
