@@ -190,13 +190,13 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
     )
     label = None if r.variant in labelled else r.variant  # one legend entry per variant
     labelled.add(r.variant)
+    style = plots.style(variants.index(r.variant))
     for ax, key in ((ax_train, 'train/loss'), (ax_eval, metric)):
       steps, values = r.series(key)
-      style = plots.style(variants.index(r.variant))
-      if ax is ax_eval:
-        ax.plot(steps * scale, values, label=label, marker='.', **style)
-      else:
-        ax.plot(steps * scale, values, **style)
+      evals = ax is ax_eval  # the legend names the eval curves; the train ones share styles
+      ax.plot(
+        steps * scale, values, label=label if evals else None, marker='.' if evals else '', **style
+      )
   for ax, key in ((ax_train, 'train/loss (nats/token)'), (ax_eval, metric)):
     ax.set_xscale('log')
     # Ticks at 1, 2 and 5 per decade, labelled, and no minor labels: those collide.

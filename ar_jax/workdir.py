@@ -82,7 +82,7 @@ class Run:
   tx: optax.GradientTransformation
 
   @property
-  def tokenizer(self) -> tokenizers.Tokenizer:
+  def tokenizer(self) -> tokenizers.AnyTokenizer:
     return self.streams.tokenizer
 
   @property

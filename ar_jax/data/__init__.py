@@ -10,18 +10,18 @@ from typing import Any
 import numpy as np
 
 from ar_jax.data import audio, images, sources, tokenizers
-from ar_jax.data.tokenizers import Tokenizer
+from ar_jax.data.tokenizers import AnyTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenStreams:
-  tokenizer: Tokenizer
+  tokenizer: AnyTokenizer
   train: np.ndarray | None  # None when not asked for
   eval: dict[str, np.ndarray]  # split name -> tokens; evaluation pools all splits
 
 
 def load(
-  data: Any, tokenizer: Tokenizer | None = None, *, train: bool = True, evaluation: bool = True
+  data: Any, tokenizer: AnyTokenizer | None = None, *, train: bool = True, evaluation: bool = True
 ) -> TokenStreams:
   """Reads config.data's splits and tokenizes the ones asked for; builds the tokenizer unless
   given one (a character vocabulary reads the training split for it, tokenized or not)."""

@@ -109,12 +109,16 @@ class Tokenizer:
       json.dump(dataclasses.asdict(self), f)
 
 
+# Every tokenizer a run may have: characters, bytes and values (Tokenizer), or subwords.
+AnyTokenizer = Tokenizer | subword.Subword
+
+
 def needs_train_split(data) -> bool:
   """Whether config.data's tokenizer is built from the training split's documents."""
   return data.tokenizer == 'char' or (data.tokenizer in subword.KINDS and not data.tokenizer_path)
 
 
-def from_config(data, train_docs: Sequence[bytes]) -> Tokenizer | subword.Subword:
+def from_config(data, train_docs: Sequence[bytes]) -> AnyTokenizer:
   """config.data's tokenizer: loaded from data.tokenizer_path, or built from the training
   split's documents (a subword one on their first data.tokenizer_train_bytes)."""
   check(data.tokenizer in KINDS, f'data.tokenizer={data.tokenizer!r}; allowed: {", ".join(KINDS)}')
@@ -156,7 +160,7 @@ def values(kind: str, levels: int, bos: bool) -> Tokenizer:
   return Tokenizer(kind, vocab, eos_id=levels if bos else None)
 
 
-def load(path: str) -> Tokenizer | subword.Subword:
+def load(path: str) -> AnyTokenizer:
   """A tokenizer a workdir saved (Tokenizer.save, Subword.save)."""
   with open(path) as f:
     d = json.load(f)
