@@ -75,6 +75,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.tokenizer_train_bytes = 100_000_000
   c.data.sentencepiece_model_type = 'bpe'  # or 'unigram' (Kudo 2018)
   c.data.eos_token = ''  # a loaded tokenizer's end of document: '' finds <|endoftext|>, </s>...
+  # Text that is not UTF-8 (char and subword tokenizers): 'error' names the document; 'skip'
+  # leaves it out, counted in the log and the store's manifest.
+  c.data.invalid_utf8 = 'error'
+  # A token store directory (python -m ar_jax.prepare writes one): the run streams its splits
+  # from disk instead of tokenizing the source into memory; with no manifest.json there, the
+  # run prepares it first. '' = tokenize into memory (small corpora).
+  c.data.prepared = ''
+  # 'documents': a window may hold several documents; none sees another's tokens (attention
+  # block-diagonal, positions restarting, recurrent state and convolution taps reset at each
+  # end-of-document token). 'none': windows read across document boundaries (as nanoGPT).
+  c.data.packing = 'none'
   c.data.seq_len = 256  # tokens per training window (the context the model learns)
   # 'random' windows (as nanoGPT), 'sequential' streams, or 'examples': whole examples of
   # seq_len + 1 tokens (images), each evaluated once with all its targets.

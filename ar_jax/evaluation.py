@@ -24,9 +24,14 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
   return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
-def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model):
-  """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes."""
-  logits_BTV = model.apply({'params': params}, batch_BT[:, :-1])
+def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=None):
+  """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes.
+  With packed_eos, each document in a window sees only itself (see train.train_step)."""
+  inputs_BT = batch_BT[:, :-1]
+  packed = (
+    {} if packed_eos is None else {'segment_ids_BT': pipeline.segment_ids(inputs_BT, packed_eos)}
+  )
+  logits_BTV = model.apply({'params': params}, inputs_BT, **packed)
   nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
   nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)
   return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
@@ -39,7 +44,7 @@ class Evaluator:
     self.run = run
     self.batch_sharding = sharding.batch_sharding(run.mesh)
     self._eval = jax.jit(
-      functools.partial(eval_step, model=run.model),
+      functools.partial(eval_step, model=run.model, packed_eos=run.packed_eos),
       in_shardings=(params_shardings, self.batch_sharding, self.batch_sharding, None),
       out_shardings=sharding.replicated(run.mesh),
     )

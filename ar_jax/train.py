@@ -19,6 +19,7 @@ from ar_jax import (
   checkpoint,
   decoding,
   evaluation,
+  finite,
   preemption,
   progress,
   scheduled_sampling,
@@ -28,7 +29,7 @@ from ar_jax import (
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
-from ar_jax.errors import ConfigError, RunError, check
+from ar_jax.errors import ConfigError, check
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
@@ -43,6 +44,7 @@ def train_step(
   skip_nonfinite: bool,
   accum_steps: int,
   scheduled: Any = None,
+  packed_eos: int | None = None,
 ):
   """One AdamW step on the mean token cross-entropy under teacher forcing.
 
@@ -51,7 +53,9 @@ def train_step(
   token-weighted mean). With a carry in the state, the batch continues each row's stream
   from it; gradients stop at the window boundary (truncated BPTT). With skip_nonfinite, a
   step whose loss or gradient is not finite changes nothing. `scheduled` (the config's
-  scheduled_sampling, or None) feeds the model some of its own samples as inputs.
+  scheduled_sampling, or None) feeds the model some of its own samples as inputs. With
+  packed_eos, windows hold several documents, each starting at that token, and no position
+  sees another document's (recurrent models reset their state at it in any case).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   eps = None if scheduled is None else scheduled_sampling.probability(scheduled, state.step)
@@ -63,6 +67,10 @@ def train_step(
       return model.apply({'params': params}, tokens_BT, *cache, rngs={'dropout': rng}, **kw)
 
     inputs_BT = micro_BT[:, :-1]
+    # The cached step (recurrent models) resets its state at eos without being told.
+    packed = (
+      {} if packed_eos is None else {'segment_ids_BT': pipeline.segment_ids(inputs_BT, packed_eos)}
+    )
     if eps is not None and model.sequential:  # exact, one step at a time
       cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
       step = lambda t_B1, c, t: apply(
@@ -74,9 +82,10 @@ def train_step(
       carry = None if carry is None else cache
     elif eps is not None:
       check(carry is None, 'scheduled sampling with a carried state needs a recurrent model')
-      logits_BTV = scheduled_sampling.two_pass(apply, inputs_BT, eps, sampling_rng)
+      two_pass_apply = functools.partial(apply, **packed)
+      logits_BTV = scheduled_sampling.two_pass(two_pass_apply, inputs_BT, eps, sampling_rng)
     elif carry is None:
-      logits_BTV = apply(inputs_BT)
+      logits_BTV = apply(inputs_BT, **packed)
     else:
       logits_BTV, carry = apply(inputs_BT, jax.lax.stop_gradient(carry), method=model.step)
     total, count = evaluation.cross_entropy(logits_BTV, micro_BT[:, 1:])
@@ -113,11 +122,11 @@ def train_step(
   new_state = state_lib.TrainState(
     state.step + 1, optax.apply_updates(state.params, updates), opt_state, carry
   )
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     kept = state.replace(step=state.step + 1)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
-  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~finite}
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': ~ok}
 
 
 def train_steps(state: state_lib.TrainState, batches_KBT: jax.Array, **step_kwargs):
@@ -149,6 +158,7 @@ class Trainer:
         scheduled=None
         if run.config.scheduled_sampling.schedule == 'none'
         else run.config.scheduled_sampling,
+        packed_eos=run.packed_eos,
       ),
       in_shardings=(shardings, self.stacked_sharding),
       out_shardings=(shardings, sharding.replicated(run.mesh)),
@@ -278,7 +288,7 @@ def train_and_evaluate(
           nonlocal final_eval
           result = meter.evaluate(evaluator, state.params, step, stop.requested)
           if result is not None:
-            final_eval = _finite_eval(result, step, config.nan_policy, ckpt.latest_step())
+            final_eval = finite.evaluation(result, step, config.nan_policy, ckpt.latest_step())
             writer.write(step, final_eval)
           return result is not None
 
@@ -294,7 +304,9 @@ def train_and_evaluate(
           stopped = stop.requested()
           if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
             # Nothing reaches a checkpoint or the log before it is known to be finite.
-            host = _finite(jax.device_get(pending), step, config.nan_policy, ckpt.latest_step())
+            host = finite.training(
+              jax.device_get(pending), step, config.nan_policy, ckpt.latest_step()
+            )
           if at(config.log_every_steps):
             writer.write(step, meter.log(step, host))
             pending = []
@@ -313,7 +325,7 @@ def train_and_evaluate(
           step,
         )
       elif step == first_step and not final_eval:  # nothing left to train: where it stands
-        final_eval = _finite_eval(
+        final_eval = finite.evaluation(
           evaluator.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
         )
     finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
@@ -339,40 +351,6 @@ def _check_prompt(run: workdir_lib.Run) -> None:
     run.tokenizer.encode(run.config.sample.prompt)
   except ConfigError as e:
     raise ConfigError(f'sample.prompt={run.config.sample.prompt!r}: {e}') from e
-
-
-def _finite_eval(metrics: dict, step: int, policy: str, last_checkpoint: int | None) -> dict:
-  """An evaluation's metrics; a non-finite loss stops the run before anything is written,
-  unless nan_policy='skip' (the run goes on, and its evaluations say what they measure)."""
-  if math.isfinite(metrics['eval/loss']):
-    return metrics
-  message = f'non-finite evaluation loss ({metrics["eval/loss"]}) at step {step}'
-  if policy == 'skip':
-    log.warning('%s (nan_policy=skip: the run goes on)', message)
-    return metrics
-  raise RunError(f'{message}; {_last_checkpoint(last_checkpoint)}')
-
-
-def _last_checkpoint(step: int | None) -> str:
-  if step is None:
-    return 'no checkpoint was written before it'
-  return f'the last checkpoint, step {step}, predates it'
-
-
-def _finite(host: list[dict], step: int, policy: str, last_checkpoint: int | None) -> list[dict]:
-  """The steps' metrics since the last log; raises on a non-finite loss unless skipping."""
-  losses = np.concatenate([m['loss'] for m in host])
-  grads = np.concatenate([m['grad_norm'] for m in host])
-  bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(grads)))
-  if bad.size and policy == 'stop':
-    at = step - len(losses) + int(bad[0]) + 1
-    raise RunError(
-      f'non-finite training loss ({losses[bad[0]]}) or gradient norm ({grads[bad[0]]}) at step '
-      f'{at}, on training batch {at - 1} (counting from 0; a rerun of this config reads the '
-      f'same batch); {_last_checkpoint(last_checkpoint)}. Lower the learning rate, or set '
-      "nan_policy='skip' to drop such steps"
-    )
-  return host
 
 
 def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

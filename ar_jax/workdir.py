@@ -86,6 +86,11 @@ class Run:
     return self.streams.tokenizer
 
   @property
+  def packed_eos(self) -> int | None:
+    """The token that starts each packed document (data.packing='documents'), else None."""
+    return self.tokenizer.eos_id if self.config.data.packing == 'documents' else None
+
+  @property
   def rules(self) -> tuple[tuple[str, Any], ...]:
     """The logical-axis rules that place this run's arrays on its mesh."""
     return models.sharding_rules(self.config)

@@ -18,7 +18,7 @@ from ar_jax import config as config_lib
 from ar_jax import models, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
-from ar_jax.data import pipeline
+from ar_jax.data import pipeline, sources
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -166,3 +166,14 @@ def position_jacobian(model, params, tokens_BT) -> np.ndarray:
 
   jac_TBTE = jax.jit(jax.jacrev(projected_T))(embeddings)
   return np.abs(np.asarray(jac_TBTE)).sum(axis=(1, 3))
+
+
+def whole_documents(data, split: str) -> list[bytes]:
+  """A split's documents, each whole (sources stream a large file in pieces)."""
+  docs, doc = [], b''
+  for text, end in sources.documents(data, split):
+    doc += text
+    if end:
+      docs.append(doc)
+      doc = b''
+  return docs

@@ -5,7 +5,11 @@ import pytest
 from ar_jax import data
 from ar_jax.data import pipeline, sources, tokenizers
 from ar_jax.errors import ConfigError
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, whole_documents
+
+
+def splits(data):
+  return {split: whole_documents(data, split) for split in ('train', 'validation')}
 
 
 def test_char_tokenizer_roundtrip_and_saved(tmp_path):
@@ -28,7 +32,7 @@ def test_char_tokenizer_names_unknown_characters():
 def test_a_split_with_characters_outside_the_vocabulary_names_them_and_the_fix():
   tok = tokenizers.build('char', [b'abc', b'cab'])
   with pytest.raises(ConfigError) as e:
-    tok.encode_documents([b'ab', b'cx!'], 'files:validation')
+    tokenizers.encode(tok, [(b'ab', True), (b'cx!', True)], 'files:validation')
   assert "files:validation[1]: character(s) '!x' are not in the vocabulary" in str(e.value)
   assert "data.tokenizer='byte' reads any text" in str(e.value)
 
@@ -40,7 +44,7 @@ def test_invalid_utf8_at_char_level_is_named():
 
 def test_byte_tokenizer_separates_documents_and_counts_bytes():
   tok = tokenizers.build('byte', [])
-  stream = tok.encode_documents([b'ab', 'é'.encode()], 'docs')
+  stream = tokenizers.encode(tok, [(b'ab', True), ('é'.encode(), True)], 'docs').tokens
   assert stream.tolist() == [97, 98, 256, 0xC3, 0xA9, 256]
   assert tok.decode(stream) == 'abé'
   assert tok.token_bytes[stream].sum() == 4  # eos stands for no bytes
@@ -67,15 +71,15 @@ def files_config(path, **kw):
 
 def test_one_file_splits_by_position_like_nanogpt(tmp_path):
   (tmp_path / 'a.txt').write_bytes(b'0123456789abcdef')
-  split = sources.load_splits(files_config(tmp_path / 'a.txt'), ['train', 'validation'])
+  split = splits(files_config(tmp_path / 'a.txt'))
   assert split == {'train': [b'0123456789ab'], 'validation': [b'cdef']}
 
 
 def test_many_files_split_whole_files_deterministically(tmp_path):
   for i in range(40):
     (tmp_path / f'{i}.py').write_bytes(f'x = {i}\n'.encode())
-  a = sources.load_splits(files_config(tmp_path), ['train', 'validation'])
-  b = sources.load_splits(files_config(str(tmp_path) + '/*.py'), ['train', 'validation'])
+  a = splits(files_config(tmp_path))
+  b = splits(files_config(str(tmp_path) + '/*.py'))
   assert a == b
   assert len(a['train']) + len(a['validation']) == 40
   assert 0 < len(a['validation']) < 20
@@ -84,8 +88,8 @@ def test_many_files_split_whole_files_deterministically(tmp_path):
 
 def test_embedded_stdlib_corpus_is_deterministic_and_disjoint():
   cfg = files_config('', name=sources.EMBEDDED, val_fraction=0.1)
-  a = sources.load_splits(cfg, ['train', 'validation'])
-  b = sources.load_splits(cfg, ['train', 'validation'])
+  a = splits(cfg)
+  b = splits(cfg)
   assert [len(d) for d in a['validation']] == [len(d) for d in b['validation']]
   assert sum(map(len, a['train'])) > 5_000_000  # the whole stdlib: megabytes of Python
   assert 0.03 < len(a['validation']) / (len(a['train']) + len(a['validation'])) < 0.2
@@ -93,19 +97,19 @@ def test_embedded_stdlib_corpus_is_deterministic_and_disjoint():
 
 def test_missing_and_empty_files_are_named(tmp_path):
   with pytest.raises(ConfigError, match='matches no file'):
-    sources.load_splits(files_config(tmp_path / 'nope.txt'), ['train'])
+    whole_documents(files_config(tmp_path / 'nope.txt'), 'train')
   (tmp_path / 'empty.txt').write_bytes(b'')
   with pytest.raises(ConfigError, match="split 'train' of .*empty.txt is empty"):
-    sources.load_splits(files_config(tmp_path / 'empty.txt'), ['train'])
+    whole_documents(files_config(tmp_path / 'empty.txt'), 'train')
 
 
 def test_unknown_dataset_and_split_are_named(shared_data):
   tfds_dir = str(shared_data / 'tensorflow_datasets')
   with pytest.raises(ConfigError, match="unknown data.name='no_such_corpus'"):
-    sources.load_splits(files_config('', name='no_such_corpus', data_dir=tfds_dir), ['train'])
+    whole_documents(files_config('', name='no_such_corpus', data_dir=tfds_dir), 'train')
   cfg = files_config('', name='tiny_shakespeare', data_dir=tfds_dir, text_feature='text')
   with pytest.raises(ConfigError, match="split 'dev' is not available"):
-    sources.load_splits(cfg, ['dev'])
+    whole_documents(cfg, 'dev')
 
 
 def test_tfds_tiny_shakespeare_is_nanogpts_split(shared_data):

@@ -11,9 +11,14 @@ import pytest
 
 from ar_jax import config as config_lib
 from ar_jax import train
-from ar_jax.data import sources, tokenizers
+from ar_jax.data import tokenizers
 from ar_jax.errors import ConfigError
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, whole_documents
+
+
+def chunks(docs):
+  return [(doc, True) for doc in docs]
+
 
 KINDS = {  # kind and its data.* settings
   'bpe': {'tokenizer': 'bpe'},
@@ -27,8 +32,7 @@ def corpus():
   """The embedded corpus (this interpreter's standard library): 300 training files and 40
   held-out ones, enough for every kind of text the sources hold."""
   data = config_lib.defaults().data
-  docs = sources.load_splits(data, ['train', 'validation'])
-  return docs['train'][:300], docs['validation'][:40]
+  return whole_documents(data, 'train')[:300], whole_documents(data, 'validation')[:40]
 
 
 def data_config(vocab_size=1024, **fields):
@@ -43,7 +47,7 @@ def data_config(vocab_size=1024, **fields):
 @pytest.fixture(scope='module')
 def trained(corpus):
   train_docs, _ = corpus
-  return {k: tokenizers.from_config(data_config(**v), train_docs) for k, v in KINDS.items()}
+  return {k: tokenizers.from_config(data_config(**v), chunks(train_docs)) for k, v in KINDS.items()}
 
 
 @pytest.mark.parametrize('kind', ['char', 'byte', *KINDS])
@@ -57,7 +61,7 @@ def test_every_tokenizer_is_lossless_and_counts_the_texts_bytes(kind, corpus, tr
     ids = tok.encode(doc)
     assert tok.decode(ids) == doc.decode()
     assert tok.token_bytes[ids].sum() == len(doc)
-  stream = tok.encode_documents(held_out, 'held_out')
+  stream = tokenizers.encode(tok, chunks(held_out), 'held_out').tokens
   # Bits per byte divide by exactly the text's bytes: eos stands for none.
   assert tok.token_bytes[stream].sum() == sum(map(len, held_out))
   if kind in KINDS:
@@ -138,7 +142,7 @@ def test_bad_tokenizer_files_and_settings_are_one_clear_error(tmp_path, fields, 
     make(path)
     fields = {**fields, 'tokenizer_path': str(path)}
   with pytest.raises(ConfigError, match=re.escape(message)):
-    tokenizers.from_config(data_config(**fields), [b'some training text'])
+    tokenizers.from_config(data_config(**fields), chunks([b'some training text']))
 
 
 def test_a_run_trains_samples_and_resumes_through_a_bpe_tokenizer(tmp_path, corpus):

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -77,12 +77,14 @@ class Subword:
   def encode(self, text: str | bytes) -> np.ndarray:
     if isinstance(text, bytes):
       text = decode_utf8(text, 'text', 'fix the file')
-    return np.asarray(self._encode_batch([text])[0], np.int32)
+    return self.encode_texts([text])[0]
 
-  def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+  def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
     if self.kind == 'bpe':
-      return [e.ids for e in self._impl.encode_batch(texts, add_special_tokens=False)]
-    return self._impl.encode(texts)
+      encoded = [e.ids for e in self._impl.encode_batch(texts, add_special_tokens=False)]
+    else:
+      encoded = self._impl.encode(texts)
+    return [np.asarray(ids, np.int32) for ids in encoded]
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids if int(i) != self.eos_id]
@@ -90,19 +92,12 @@ class Subword:
       return self._impl.decode(ids, skip_special_tokens=False)
     return self._impl.decode(ids)
 
-  def encode_documents(self, docs: Sequence[bytes], name: str) -> np.ndarray:
-    """One token stream: the documents in order, each followed by eos."""
-    texts = [decode_utf8(doc, f'{name}[{i}]', 'fix the file') for i, doc in enumerate(docs)]
-    parts = [np.asarray(ids + [self.eos_id], np.int32) for ids in self._encode_batch(texts)]
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return tokens.astype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
-
   def save(self, path: str) -> None:
     with open(path, 'w') as f:
       json.dump(dataclasses.asdict(self), f)
 
 
-def sample_texts(docs: Sequence[bytes], max_bytes: int) -> Iterator[str]:
+def sample_texts(docs: Iterable[bytes], max_bytes: int) -> Iterator[str]:
   """The training split's documents, in order, up to max_bytes in all: a tokenizer is trained
   on a bounded sample, however large the corpus."""
   left = max_bytes

@@ -3,15 +3,19 @@ JSON in the workdir."""
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from ar_jax.data import subword
-from ar_jax.data.sources import decode_utf8
+from ar_jax.data.sources import Chunk, decode_utf8
 from ar_jax.errors import ConfigError, check
 
+log = logging.getLogger(__name__)
+
 KINDS = ('char', 'byte', *subword.KINDS)
+INVALID_UTF8 = ('error', 'skip')  # data.invalid_utf8: a text document that is not UTF-8
 # Tokens that are numbers: sub-pixel values (data/images.py), mu-law audio levels
 # (data/audio.py). Text reads and writes them as whitespace-separated integers.
 VALUE_KINDS = ('pixel', 'mulaw')
@@ -86,23 +90,8 @@ class Tokenizer:
       return bytes(ids).decode('utf-8', errors='replace')
     return ''.join(self.vocab[i] for i in ids)
 
-  def encode_documents(self, docs: Sequence[bytes], name: str) -> np.ndarray:
-    """One token stream: the documents in order, each followed by eos when there is one."""
-    parts = []
-    for i, doc in enumerate(docs):
-      try:
-        parts.append(self.encode(doc if self.kind == 'byte' else decode_utf8(doc, f'{name}[{i}]')))
-      except ConfigError as e:
-        if self.kind != 'char':
-          raise
-        raise ConfigError(
-          f"{name}[{i}]: {e}. A character vocabulary holds only the training split's "
-          "characters: data.tokenizer='byte' reads any text"
-        ) from e
-      if self.eos_id is not None:
-        parts.append(np.array([self.eos_id], np.int32))
-    tokens = np.concatenate(parts)
-    return tokens.astype(np.uint16 if self.vocab_size <= 1 << 16 else np.int32)
+  def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+    return [self.encode(text) for text in texts]
 
   def save(self, path: str) -> None:
     with open(path, 'w') as f:
@@ -118,12 +107,18 @@ def needs_train_split(data) -> bool:
   return data.tokenizer == 'char' or (data.tokenizer in subword.KINDS and not data.tokenizer_path)
 
 
-def from_config(data, train_docs: Sequence[bytes]) -> AnyTokenizer:
+def from_config(data, train_chunks: Iterable[Chunk]) -> AnyTokenizer:
   """config.data's tokenizer: loaded from data.tokenizer_path, or built from the training
-  split's documents (a subword one on their first data.tokenizer_train_bytes)."""
+  split's chunks (read only if needed; a subword one reads the first
+  data.tokenizer_train_bytes)."""
   check(data.tokenizer in KINDS, f'data.tokenizer={data.tokenizer!r}; allowed: {", ".join(KINDS)}')
+  check(
+    data.invalid_utf8 in INVALID_UTF8,
+    f'data.invalid_utf8={data.invalid_utf8!r}; allowed: {", ".join(INVALID_UTF8)}',
+  )
+  texts = lambda: (text for text, _ in train_chunks)
   if data.tokenizer not in subword.KINDS:
-    return build(data.tokenizer, train_docs)
+    return build(data.tokenizer, texts() if needs_train_split(data) else (), data.invalid_utf8)
   if data.tokenizer_path:
     loaded = subword.load(data.tokenizer_path, data.eos_token)
     check(
@@ -132,25 +127,120 @@ def from_config(data, train_docs: Sequence[bytes]) -> AnyTokenizer:
       f'data.tokenizer={data.tokenizer!r}',
     )
     return loaded
-  check(bool(train_docs), 'the training split is empty: there is nothing to train a tokenizer on')
-  texts = subword.sample_texts(train_docs, data.tokenizer_train_bytes)
+  sample = list(subword.sample_texts(texts(), data.tokenizer_train_bytes))
+  check(any(sample), 'the training split is empty: there is nothing to train a tokenizer on')
   if data.tokenizer == 'bpe':
-    return subword.train_bpe(texts, data.vocab_size)
-  return subword.train_sentencepiece(texts, data.vocab_size, data.sentencepiece_model_type)
+    return subword.train_bpe(iter(sample), data.vocab_size)
+  return subword.train_sentencepiece(iter(sample), data.vocab_size, data.sentencepiece_model_type)
 
 
-def build(kind: str, train_docs: Sequence[bytes]) -> Tokenizer:
-  """A character or byte tokenizer for the training split's documents."""
+def build(kind: str, train_texts: Iterable[bytes], invalid_utf8: str = 'error') -> Tokenizer:
+  """A character or byte tokenizer for the training split's texts (one per document)."""
   check(kind in ('char', 'byte'), f'data.tokenizer={kind!r}; allowed: char, byte')
   if kind == 'byte':
     return Tokenizer('byte', tuple(chr(b) for b in range(256)) + ('<eos>',), eos_id=256)
-  chars = set()
-  for i, doc in enumerate(train_docs):
-    chars.update(decode_utf8(doc, f'train[{i}]'))
+  chars, documents = set(), 0
+  for i, text in enumerate(train_texts):
+    documents += 1
+    try:
+      chars.update(decode_utf8(text, f'train[{i}]'))
+    except ConfigError:
+      if invalid_utf8 != 'skip':
+        raise
   vocab = tuple(sorted(chars))
-  if len(train_docs) > 1:
+  if documents > 1:
     return Tokenizer('char', vocab + ('<eos>',), eos_id=len(vocab))
   return Tokenizer('char', vocab, eos_id=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """A stream of documents as tokens, each followed by eos when the tokenizer has one."""
+
+  tokens: np.ndarray  # uint16 when the vocabulary fits, else uint32
+  ends: np.ndarray  # int64 [documents]: the offset just past each document (and its eos)
+  skipped: tuple[int, ...]  # documents left out as not UTF-8 (data.invalid_utf8='skip')
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def encode(
+  tok: AnyTokenizer,
+  chunks: Iterable[Chunk],
+  name: str,
+  invalid_utf8: str = 'error',
+  first_document: int = 0,
+) -> Encoded:
+  """The chunks of a split (sources.documents) as one token stream; document i is named
+  name[first_document + i] in errors. A document that is not UTF-8 stops it, or with
+  invalid_utf8='skip' is left out (a piece of a large file, if only that piece is bad).
+  Texts are encoded in batches: a subword library encodes a batch on all cores."""
+  parts, ends, skipped, pending = [], [], [], []
+  length = 0
+
+  def flush():
+    nonlocal length
+    texts = [text for text, _, _ in pending]
+    try:
+      encoded = tok.encode_texts(texts) if tok.kind != 'byte' else texts
+    except ConfigError as e:  # a character outside the vocabulary: find whose, and say why
+      doc = next(d for t, _, d in pending if _fails(tok, t))
+      raise ConfigError(
+        f"{name}[{doc}]: {e}. A character vocabulary holds only the training split's "
+        "characters: data.tokenizer='byte' reads any text"
+      ) from e
+    for ids, (_, end, _) in zip(encoded, pending, strict=True):
+      parts.append(np.frombuffer(ids, np.uint8) if tok.kind == 'byte' else ids)
+      length += len(ids)
+      if end:
+        if tok.eos_id is not None:
+          parts.append(np.array([tok.eos_id]))
+          length += 1
+        ends.append(length)
+    pending.clear()
+
+  doc, has_text = first_document, False
+  for raw, end in chunks:
+    text = raw if tok.kind == 'byte' else _utf8(raw, f'{name}[{doc}]', invalid_utf8)
+    if text is None and skipped[-1:] != [doc]:
+      skipped.append(doc)
+    has_text = has_text or text is not None
+    if text is not None or (end and has_text):  # a document wholly left out leaves no eos
+      pending.append((text if text is not None else '', end and has_text, doc))
+    if end:
+      doc, has_text = doc + 1, False
+    if len(pending) >= 256:
+      flush()
+  flush()
+  if skipped:
+    log.warning(
+      'left out %d document(s) of %s that are not UTF-8 (data.invalid_utf8=skip): %s',
+      len(skipped),
+      name,
+      ', '.join(f'{name}[{d}]' for d in skipped[:5]) + ' ...' * (len(skipped) > 5),
+    )
+  dtype = token_dtype(tok.vocab_size)
+  tokens = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+  return Encoded(tokens, np.asarray(ends, np.int64), tuple(skipped))
+
+
+def _utf8(raw: bytes, where: str, invalid_utf8: str) -> str | None:
+  try:
+    return decode_utf8(raw, where)
+  except ConfigError:
+    if invalid_utf8 == 'skip':
+      return None
+    raise
+
+
+def _fails(tok: AnyTokenizer, text: str) -> bool:
+  try:
+    tok.encode(text)
+    return False
+  except ConfigError:
+    return True
 
 
 def values(kind: str, levels: int, bos: bool) -> Tokenizer:
