@@ -175,3 +175,39 @@ def test_eval_batches_predict_every_token_once():
 def test_too_short_training_split_is_named():
   with pytest.raises(ConfigError, match='has 5 tokens, too few for one window'):
     pipeline.train_iterator(np.arange(5), batch_size=1, seq_len=8, seed=0, sampling='random')
+
+
+def test_packed_segments_start_at_each_end_of_document():
+  eos = 9
+  tokens = np.array([[5, eos, 3, 4, eos, 7], [eos, 1, 2, 3, 4, 5]])
+  segments = pipeline.segments(tokens, eos)['segment_ids_BT']
+  assert segments.tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]
+  assert pipeline.segments(tokens, None) == {}
+
+
+def test_packing_needs_documents_longer_than_a_window(tmp_path):
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  for i in range(6):
+    (docs / f'{i}.txt').write_text('short document\n' * (i + 1))
+  c = tiny_config(docs, **{'data.packing': 'documents', 'data.seq_len': 200})
+  with pytest.raises(ConfigError, match=r'longer than every training document \(the longest'):
+    data.load(c.data)
+  (tmp_path / 'one.txt').write_text('one long document\n' * 100)
+  one_document = tiny_config(tmp_path / 'one.txt', **{'data.packing': 'documents'})
+  with pytest.raises(ConfigError, match="needs an end-of-document token"):
+    data.load(one_document.data)
+  with pytest.raises(ConfigError, match=r"data.packing='whole'; allowed: none, documents"):
+    data.load(tiny_config(docs, **{'data.packing': 'whole'}).data)
+
+
+def test_invalid_utf8_documents_are_skipped_when_asked(tmp_path):
+  (tmp_path / 'good.txt').write_bytes(b'plain text ' * 50)
+  (tmp_path / 'bad.txt').write_bytes(b'caf\xe9 latin-1 ' * 50)
+  c = tiny_config(tmp_path, **{'data.tokenizer': 'bpe', 'data.vocab_size': 300})
+  c.data.val_fraction = 0.01  # both files train
+  with pytest.raises(ConfigError, match=r'files:train\[0\] is not valid UTF-8 at byte 3'):
+    data.load(c.data, train=True, evaluation=False)
+  c.data.invalid_utf8 = 'skip'
+  streams = data.load(c.data, train=True, evaluation=False)
+  assert streams.tokenizer.decode(streams.train) == 'plain text ' * 50

@@ -206,3 +206,13 @@ def test_bad_jsonl_is_named_by_line(tmp_path, contents, message):
   c = config(tmp_path / 'a.jsonl', **{'data.tokenizer': 'byte', 'data.val_fraction': 0.5})
   with pytest.raises(ConfigError, match=message):
     list(sources.documents(c.data, 'train'))
+
+
+def test_a_parquet_file_without_the_text_column_is_named(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.table({'body': ['a', 'b']}), tmp_path / 'a.parquet')
+  c = config(tmp_path / 'a.parquet', **{'data.tokenizer': 'byte'})
+  with pytest.raises(ConfigError, match=r"a.parquet has no column 'text'; its columns: body"):
+    list(sources.documents(c.data, 'train'))

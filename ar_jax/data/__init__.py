@@ -45,6 +45,9 @@ def load(
       train=streams[data.train_split] if train else None,
       eval={split: streams[split] for split in data.eval_splits} if evaluation else {},
     )
+  if tokenizer is None and not (train or evaluation) and _to_train(data):
+    # Compiling needs only the vocabulary's size: no corpus is read to train a tokenizer.
+    return TokenStreams(tokenizers.untrained(data), None, {})
   if data.prepared:
     tokenizer, splits, longest = _prepared(data, tokenizer)
     read = lambda split: splits[split]
@@ -55,9 +58,9 @@ def load(
 
     def read(split):
       chunks = sources.documents(data, split)
-      encoded[split] = tokenizers.encode(
-        tokenizer, chunks, f'{data.name}:{split}', data.invalid_utf8
-      )
+      name = f'{data.name}:{split}'
+      encoded[split] = tokenizers.encode(tokenizer, chunks, name, data.invalid_utf8)
+      tokenizers.warn_skipped(name, encoded[split].skipped)
       return encoded[split].tokens
 
   streams = TokenStreams(
@@ -81,6 +84,12 @@ def load(
         f'past {longest} would ever be trained; lower data.seq_len',
       )
   return streams
+
+
+def _to_train(data: Any) -> bool:
+  """Whether config.data's tokenizer is a subword one still to be trained."""
+  done = data.prepared and store.read_manifest(data.prepared) is not None
+  return data.tokenizer in subword.KINDS and tokenizers.needs_train_split(data) and not done
 
 
 def _prepared(data: Any, tokenizer: AnyTokenizer | None):

@@ -46,7 +46,7 @@ from ar_jax.errors import ConfigError, check
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-SHARD_BYTES = 64 << 20  # text per shard: a few seconds of tokenizing, tens of MB on disk
+SHARD_BYTES = 16 << 20  # text per shard: seconds of tokenizing; a GB keeps 64 workers busy
 MANIFEST = 'manifest.json'
 # The config.data fields a store's contents depend on, besides the tokenizer.
 SOURCE_FIELDS = ('name', 'path', 'data_dir', 'text_feature', 'val_fraction', 'invalid_utf8')
@@ -234,13 +234,13 @@ def _prepare_split(data, out, split, pool, num_workers, shard_bytes) -> dict:
   name = f'{data.name}:{split}'
   total = sources.estimated_bytes(data, split)
   done, pending, start, last_log = {}, [], time.perf_counter(), 0.0
-  read = 0
+  read = reported = 0
 
   def report(final=False):
-    nonlocal last_log
+    nonlocal last_log, reported
     now = time.perf_counter()
-    if final or now - last_log > 5:
-      last_log = now
+    if (final and reported < len(done)) or now - last_log > 5:
+      last_log, reported = now, len(done)
       rate = read / max(now - start, 1e-9)
       eta = f' | eta {progress.duration((total - read) / rate)}' if total and rate else ''
       log.info(
@@ -284,6 +284,7 @@ def _prepare_split(data, out, split, pool, num_workers, shard_bytes) -> dict:
     [np.load(os.path.join(out, s['ends'])) + s['offset'] for s in _offsets(shards)]
   )
   lengths = np.diff(ends, prepend=0)
+  tokenizers.warn_skipped(name, [d for s in shards for d in s['skipped']])
   return {
     'tokens': sum(s['tokens'] for s in shards),
     'documents': len(ends),

@@ -175,7 +175,8 @@ def encode(
 ) -> Encoded:
   """The chunks of a split (sources.documents) as one token stream; document i is named
   name[first_document + i] in errors. A document that is not UTF-8 stops it, or with
-  invalid_utf8='skip' is left out (a piece of a large file, if only that piece is bad).
+  invalid_utf8='skip' is left out (a piece of a large file, if only that piece is bad), and
+  listed in the result for the caller to report (warn_skipped).
   Texts are encoded in batches: a subword library encodes a batch on all cores."""
   parts, ends, skipped, pending = [], [], [], []
   length = 0
@@ -214,16 +215,20 @@ def encode(
     if len(pending) >= 256:
       flush()
   flush()
+  dtype = token_dtype(tok.vocab_size)
+  tokens = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+  return Encoded(tokens, np.asarray(ends, np.int64), tuple(skipped))
+
+
+def warn_skipped(name: str, skipped: Sequence[int]) -> None:
+  """One warning line for the documents of a split that encode() left out."""
   if skipped:
     log.warning(
       'left out %d document(s) of %s that are not UTF-8 (data.invalid_utf8=skip): %s',
       len(skipped),
       name,
-      ', '.join(f'{name}[{d}]' for d in skipped[:5]) + ' ...' * (len(skipped) > 5),
+      ', '.join(f'[{d}]' for d in skipped[:5]) + ' ...' * (len(skipped) > 5),
     )
-  dtype = token_dtype(tok.vocab_size)
-  tokens = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-  return Encoded(tokens, np.asarray(ends, np.int64), tuple(skipped))
 
 
 def _utf8(raw: bytes, where: str, invalid_utf8: str) -> str | None:
@@ -241,6 +246,13 @@ def _fails(tok: AnyTokenizer, text: str) -> bool:
     return False
   except ConfigError:
     return True
+
+
+def untrained(data) -> Tokenizer:
+  """Stands in for the subword tokenizer config.data would train, where only its size
+  matters (compiling a train step): data.vocab_size tokens, end of document first, as
+  train_bpe places it. It encodes nothing."""
+  return Tokenizer(data.tokenizer, ('<|endoftext|>',) + ('',) * (data.vocab_size - 1), eos_id=0)
 
 
 def values(kind: str, levels: int, bos: bool) -> Tokenizer:
