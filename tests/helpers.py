@@ -153,15 +153,16 @@ def random_params(model, seed: int = 0):
   )
 
 
-def position_jacobian(model, params, tokens_BT) -> np.ndarray:
+def position_jacobian(model, params, tokens_BT, segment_ids_BT=None) -> np.ndarray:
   """[T, T]: |d (the logits at position t) / d (the embeddings of position s)|, summed over
   rows and embedding width, the logits projected on a random vector over the vocabulary
-  (logits that are -inf, never predicted, left out)."""
-  embeddings = model.apply({'params': params}, tokens_BT, method=model.embed)
+  (logits that are -inf, never predicted, left out); of packed documents, given
+  segment_ids_BT."""
+  embeddings = model.apply({'params': params}, tokens_BT, segment_ids_BT, method=model.embed)
   weights_V = jax.random.normal(jax.random.key(1), (model.config.vocab_size,))
 
   def projected_T(x):
-    logits_BTV = model.apply({'params': params}, tokens_BT, x)
+    logits_BTV = model.apply({'params': params}, tokens_BT, x, segment_ids_BT)
     return (jnp.where(jnp.isfinite(logits_BTV), logits_BTV, 0.0) @ weights_V).sum(0)
 
   jac_TBTE = jax.jit(jax.jacrev(projected_T))(embeddings)

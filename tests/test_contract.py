@@ -1,7 +1,8 @@
 """The model contract (ar_jax/models/contract.py), checked once for every family in
 models.available(): a family added as one module gets all of it without editing a test.
 
-Per TINY variant: causality by gradients, cached decoding against the full forward. Per
+Per TINY variant: causality by gradients, cached decoding against the full forward, and of
+packed documents: no gradient across them, each one's logits those it gets alone. Per
 family (its first TINY variant): FLOPs against XLA's count, remat against none, and through
 the real trainer the sharded step on four meshes against one device, with every large array
 actually split, and gradient accumulation against the whole batch.
@@ -10,10 +11,12 @@ actually split, and gradient accumulation against the whole batch.
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ar_jax import models
+from ar_jax.errors import ConfigError
 from ar_jax.models import contract
 from tests.helpers import family_config, one_step, position_jacobian, random_model, write_corpus
 
@@ -28,10 +31,27 @@ by_variant = pytest.mark.parametrize(
   'name, variant', VARIANTS, ids=[f'{n}-{v}' for n, v in VARIANTS]
 )
 by_family = pytest.mark.parametrize('family', FAMILIES)
+# Families whose rows are whole examples (images): they refuse packed documents. Every other
+# family packs them, a new one too.
+WHOLE_EXAMPLES = ('pixelcnn',)
+PACKED_VARIANTS = [(n, v) for n, v in VARIANTS if n not in WHOLE_EXAMPLES]
+by_packed_variant = pytest.mark.parametrize(
+  'name, variant', PACKED_VARIANTS, ids=[f'{n}-{v}' for n, v in PACKED_VARIANTS]
+)
+DOCUMENTS = (5, 4, 3)  # lengths of the documents packed into a row of T positions
+DOCUMENT_STARTS = np.cumsum((0, *DOCUMENTS))[:-1]
 
 
 def tokens_BT(batch: int, length: int, seed: int = 0) -> jax.Array:
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, V)
+
+
+def packed_segments_BT(batch: int) -> jax.Array:
+  """Segment ids of DOCUMENTS packed into rows of T positions. The first is not 0: a window
+  may start anywhere in the stream."""
+  ids_T = np.repeat(2 + np.arange(len(DOCUMENTS)), DOCUMENTS)
+  assert ids_T.size == T
+  return jnp.asarray(np.broadcast_to(ids_T, (batch, T)), jnp.int32)
 
 
 @by_variant
@@ -58,6 +78,52 @@ def test_cached_steps_equal_the_full_forward(name, variant):
     logits, cache = step(tokens[:, start:stop], cache)
     pieces.append(logits)
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=3e-5, rtol=1e-5)
+
+
+@by_packed_variant
+def test_no_gradient_across_documents(name, variant):
+  """d logits_t / d embedding_s is exactly zero for t and s in different packed documents,
+  and each document's last position depends on its first."""
+  model, params = random_model(name, V, variant)
+  segments_BT = packed_segments_BT(2)  # two rows: a ReLU dead in one does not hide a path
+  seen_TT = position_jacobian(model, params, tokens_BT(2, T), segments_BT) > 0
+  ids_T = np.asarray(segments_BT[0])
+  across_TT = ids_T[:, None] != ids_T[None, :]
+  assert not seen_TT[across_TT].any(), f'seen across documents: {np.argwhere(seen_TT & across_TT)}'
+  lasts = DOCUMENT_STARTS + np.array(DOCUMENTS) - 1
+  assert seen_TT[lasts, DOCUMENT_STARTS].all(), f'first positions unseen: {seen_TT[lasts]}'
+
+
+@by_packed_variant
+def test_a_packed_document_equals_the_document_alone(name, variant):
+  """Each document's logits inside a packed row are those it gets alone at the start of a
+  row: nothing crosses a boundary, and positions restart at each document."""
+  model, params = random_model(name, V, variant)
+  packed_BT = tokens_BT(1, T)
+  # Row d: document d first; the documents after it follow, which it never reads.
+  alone_DT = jnp.concatenate([jnp.roll(packed_BT, -start, axis=1) for start in DOCUMENT_STARTS])
+
+  @jax.jit
+  def logits(p):
+    packed = model.apply({'params': p}, packed_BT, None, packed_segments_BT(1))
+    return packed[0], model.apply({'params': p}, alone_DT)
+
+  packed_TV, alone_DTV = logits(params)
+  for d, (start, length) in enumerate(zip(DOCUMENT_STARTS, DOCUMENTS, strict=True)):
+    np.testing.assert_allclose(
+      packed_TV[start : start + length],
+      alone_DTV[d, :length],
+      atol=1e-5,
+      rtol=1e-5,
+      err_msg=f'document {d}',
+    )
+
+
+@pytest.mark.parametrize('family', WHOLE_EXAMPLES)
+def test_whole_example_families_refuse_packed_documents(family):
+  model, params = random_model(family, V)
+  with pytest.raises(ConfigError, match="packed documents .* data.sampling='examples'"):
+    model.apply({'params': params}, tokens_BT(1, T), None, packed_segments_BT(1))
 
 
 @by_family
@@ -152,7 +218,7 @@ def test_a_family_missing_part_of_the_contract_is_named():
   module.Config, module.RULES, module.TINY = object, (), {'tiny': {}}
 
   class Model:  # no config or deterministic field, no step, no sequential
-    def __call__(self, tokens_BT, embeddings_BTE=None): ...
+    def __call__(self, tokens_BT, embeddings_BTE=None, segment_ids_BT=None): ...
 
     embed = init_cache = flops_per_token = __call__
     max_len, cache_batch_axis = 0, 0

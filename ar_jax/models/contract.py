@@ -38,15 +38,28 @@ class Model(Protocol):
   # step at a time (exact scheduled sampling) costs no more than teacher forcing.
   sequential: bool
 
-  def __call__(self, tokens_BT: jax.Array, embeddings_BTE: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    embeddings_BTE: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
     """Teacher forcing: logits_BTV, where position t has seen tokens <= t only. Given
     embeddings_BTE (from `embed`), they replace the tokens' own: the gradient tests
-    differentiate the logits with respect to them."""
+    differentiate the logits with respect to them.
+
+    segment_ids_BT (int32 [B, T], None: one document per row) packs several documents into
+    a row. The ids do not decrease along T; the data counts the end-of-document tokens at or
+    before t, so an eos starts the next document, as its BOS. Position t reads position
+    s <= t only where segment_ids[b, s] == segment_ids[b, t], and positions restart at 0
+    at each document's first token: a document's logits are those it gets alone at the
+    start of a row. A family that cannot pack (whole images) raises ConfigError."""
     ...
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """The float input vector of each position, [B, T, E]: what `__call__` reads of the
-    tokens, and the point the causality tests differentiate at."""
+    tokens (given the same segment_ids_BT, which position encodings added here read), and
+    the point the causality tests differentiate at."""
     ...
 
   def init_cache(self, batch_size: int, max_len: int) -> Any:
@@ -55,7 +68,8 @@ class Model(Protocol):
 
   def step(self, tokens_BT: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
     """T new tokens after those in the cache (a prefill, or one): (logits_BTV, new cache).
-    step(tokens, init_cache(B, T)) gives the logits of __call__(tokens)."""
+    step(tokens, init_cache(B, T)) gives the logits of __call__(tokens). Decoding is one
+    document: there are no segment ids here."""
     ...
 
   def flops_per_token(self, seq_len: int) -> float:

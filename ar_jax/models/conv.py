@@ -82,7 +82,9 @@ class Config:
 class CausalConv1D(nn.Module):
   """y_t = sum_k W_k x_{t - (K-1-k) d} + b, with x_t = 0 before the sequence (or the queue).
 
-  Without a queue: the teacher-forced form, left-padding Q = (K-1) d zeros. With one
+  Without a queue: the teacher-forced form, left-padding Q = (K-1) d zeros; given each
+  position's index in its packed document (positions_BT), a tap that would read an earlier
+  document reads zero instead, as the padding before a row's first one. With a queue
   ([B, Q, C] ring buffer holding positions index-Q .. index-1 in slots position mod Q):
   the T new inputs continue it, and the updated queue is returned.
   """
@@ -97,7 +99,7 @@ class CausalConv1D(nn.Module):
     return (self.kernel_size - 1) * self.dilation
 
   @nn.compact
-  def __call__(self, x_BTC, queue_BQC=None, index=None):
+  def __call__(self, x_BTC, queue_BQC=None, index=None, positions_BT=None):
     K, Q, d = self.kernel_size, self.queue_len, self.dilation
     kernel_KCG = self.param(
       'kernel',
@@ -129,6 +131,11 @@ class CausalConv1D(nn.Module):
     # lax.conv_general_dilated with rhs_dilation, whose gradients XLA:CPU lowers poorly.
     B, _, C = x_BTC.shape
     taps_BTKC = jnp.stack([seq_BLC[:, k * d : k * d + T] for k in range(K)], axis=2)
+    if positions_BT is not None:
+      # Tap k reaches (K-1-k) d positions back: inside the output's own document only when
+      # the output is at least that far into it (segments do not decrease along a row).
+      inside_BTK = positions_BT[:, :, None] >= d * jnp.arange(K - 1, -1, -1)
+      taps_BTKC = taps_BTKC * inside_BTK[..., None].astype(self.dtype)
     y_BTG = (taps_BTKC.reshape(B * T, K * C) @ kernel_KCG.reshape(K * C, -1)).reshape(B, T, -1)
     if queue_BQC is not None:
       # The last Q inputs are positions index + T - Q .. index + T - 1; slot s holds the one
@@ -145,13 +152,13 @@ class ResidualLayer(nn.Module):
   dilation: int
 
   @nn.compact
-  def __call__(self, x_BTC, queue_BQC, index):
+  def __call__(self, x_BTC, queue_BQC, index, positions_BT):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     C, S = cfg.channels, cfg.skip_channels
     gates = 2 if cfg.gated else 1
     z_BTG, queue = CausalConv1D(gates * C, cfg.kernel_size, self.dilation, dtype, name='conv')(
-      x_BTC, queue_BQC, index
+      x_BTC, queue_BQC, index, positions_BT
     )
     if cfg.gated:  # channel c's filter and gate are outputs 2c and 2c + 1 (see RULES)
       z_BTC2 = z_BTG.reshape(*z_BTG.shape[:-1], C, 2)
@@ -189,15 +196,17 @@ class Model(nn.Module):
       (cfg.vocab_size,), ('mlp', 'vocab'), init_std=cfg.head_channels**-0.5, dtype=dtype
     )
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    del segment_ids_BT  # a token's embedding does not depend on its document
     return self.token_embed(tokens_BT).astype(jnp.float32)
 
-  def _forward(self, tokens_BT, queues, index, x_BTC=None):
+  def _forward(self, tokens_BT, queues, index, x_BTC=None, positions_BT=None):
     x_BTC = self.embed(tokens_BT) if x_BTC is None else x_BTC
     skip_BTS = 0.0
     new_queues = []
     for i, layer in enumerate(self.layers):
-      x_BTC, skip, queue = layer(x_BTC, None if queues is None else queues[i], index)
+      queue = None if queues is None else queues[i]
+      x_BTC, skip, queue = layer(x_BTC, queue, index, positions_BT)
       x_BTC = nn.with_logical_constraint(x_BTC, ('batch', 'length', 'conv_in'))
       skip_BTS = skip_BTS if skip is None else skip_BTS + skip
       new_queues.append(queue)
@@ -205,9 +214,16 @@ class Model(nn.Module):
     h_BTF = jax.nn.relu(self.head_hidden(jax.nn.relu(out_BTS)))
     return self.head(h_BTF).astype(jnp.float32), new_queues
 
-  def __call__(self, tokens_BT: jax.Array, embeddings_BTC: jax.Array | None = None) -> jax.Array:
-    """Teacher forcing: logits_BTV, position t seeing tokens t - receptive_field + 1 .. t."""
-    return self._forward(tokens_BT, None, None, embeddings_BTC)[0]
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    embeddings_BTC: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
+    """Teacher forcing: logits_BTV, position t seeing tokens t - receptive_field + 1 .. t (of
+    its own document, given segment_ids_BT)."""
+    positions_BT = None if segment_ids_BT is None else layers.segment_positions(segment_ids_BT)
+    return self._forward(tokens_BT, None, None, embeddings_BTC, positions_BT)[0]
 
   def step(self, tokens_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """T new tokens (a prefill, or one: Fast WaveNet) after the queues in `cache`."""

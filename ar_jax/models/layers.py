@@ -111,22 +111,40 @@ class Dense(nn.Module):
     return y
 
 
-def sinusoidal(positions_T: jax.Array, d: int) -> jax.Array:
+def segment_starts(segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, T] bool: True where a packed document starts after the row's first position (its
+  segment differs from the one before)."""
+  changed_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+  return jnp.pad(changed_BT, ((0, 0), (1, 0)))
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+  """Each position's index inside its own document, [B, T]: t minus the position where its
+  segment starts (segment ids non-decreasing along T)."""
+  t_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+  # The start of t's segment is the latest start at or before t: a running max over the
+  # starts' indices (0 for the row's first segment, which need not start at a boundary).
+  start_BT = jax.lax.cummax(jnp.where(segment_starts(segment_ids_BT), t_BT, 0), axis=1)
+  return t_BT - start_BT
+
+
+def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
   """The sinusoidal encoding (Vaswani et al. 2017): PE(pos, 2i) = sin(pos / 10000^(2i/d)),
-  PE(pos, 2i+1) = cos(same)."""
+  PE(pos, 2i+1) = cos(same). positions [T] (every row alike) or [B, T] -> [..., T, d]."""
   two_i = jnp.arange(0, d, 2, dtype=jnp.float32)
-  angle_TI = positions_T[:, None].astype(jnp.float32) / jnp.power(10000.0, two_i / d)
-  pe_TD = jnp.zeros((positions_T.shape[0], d), jnp.float32)
-  pe_TD = pe_TD.at[:, 0::2].set(jnp.sin(angle_TI))
-  return pe_TD.at[:, 1::2].set(jnp.cos(angle_TI[:, : d // 2]))
+  angle = positions[..., None].astype(jnp.float32) / jnp.power(10000.0, two_i / d)
+  pe = jnp.zeros((*positions.shape, d), jnp.float32)
+  pe = pe.at[..., 0::2].set(jnp.sin(angle))
+  return pe.at[..., 1::2].set(jnp.cos(angle[..., : d // 2]))
 
 
-def rotary(x_BTHK: jax.Array, positions_T: jax.Array) -> jax.Array:
-  """Rotates each (first half, second half) pair of the head dim by a position angle (RoPE)."""
+def rotary(x_BTHK: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotates each (first half, second half) pair of the head dim by a position angle (RoPE).
+  positions [T] (every row alike) or [B, T]."""
   half = x_BTHK.shape[-1] // 2
   freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_TK = positions_T[:, None].astype(jnp.float32) * freq
-  sin, cos = jnp.sin(angle_TK)[:, None, :], jnp.cos(angle_TK)[:, None, :]
+  angle = positions[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
   x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)
@@ -135,9 +153,12 @@ def rotary(x_BTHK: jax.Array, positions_T: jax.Array) -> jax.Array:
 class CausalSelfAttention(nn.Module):
   """Multi-head self-attention with the mask M_ij = -inf for j > i, and an optional KV cache.
 
-  Without a cache the T tokens attend to each other. With one (k and v [B, S, H, K]), the
-  T new tokens, at consecutive positions_T, are written into it and attend to every
+  Without a cache the T tokens attend to each other; given segment_ids_BT (packed
+  documents), only to those of their own document. With a cache (k and v [B, S, H, K]),
+  the T new tokens, at consecutive positions [T], are written into it and attend to every
   position written so far.
+
+  positions, [T] (every row alike) or [B, T], rotate queries and keys when `rotary`.
   """
 
   num_heads: int
@@ -149,8 +170,8 @@ class CausalSelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD, positions_T, cache=None):
-    D = x_BTD.shape[-1]
+  def __call__(self, x_BTD, positions, cache=None, segment_ids_BT=None):
+    T, D = x_BTD.shape[1:]
     H, K = self.num_heads, D // self.num_heads
     # One fused projection: three small matmuls cost XLA:CPU more than one wide one.
     qkv_BTCHK = Dense(
@@ -162,24 +183,25 @@ class CausalSelfAttention(nn.Module):
     )(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BTCHK[:, :, i] for i in range(3))
     if self.rotary:
-      q_BTHK, k_BTHK = rotary(q_BTHK, positions_T), rotary(k_BTHK, positions_T)
+      q_BTHK, k_BTHK = rotary(q_BTHK, positions), rotary(k_BTHK, positions)
 
     if cache is None:
-      k_BSHK, v_BSHK, key_positions_S = k_BTHK, v_BTHK, positions_T
-      new_cache = None
-    else:
-      start = (0, positions_T[0], 0, 0)
+      k_BSHK, v_BSHK, new_cache = k_BTHK, v_BTHK, None
+      mask_BTS = jnp.tril(jnp.ones((1, T, T), bool))
+      if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    else:  # decoding: one document, positions_T = index .. index + T - 1
+      start = (0, positions[0], 0, 0)
       k_BSHK = jax.lax.dynamic_update_slice(cache['k'], k_BTHK.astype(cache['k'].dtype), start)
       v_BSHK = jax.lax.dynamic_update_slice(cache['v'], v_BTHK.astype(cache['v'].dtype), start)
-      key_positions_S = jnp.arange(k_BSHK.shape[1])
+      mask_BTS = (jnp.arange(k_BSHK.shape[1])[None, :] <= positions[:, None])[None]
       new_cache = {'k': k_BSHK, 'v': v_BSHK}
 
     scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK.astype(self.dtype)) / jnp.sqrt(
       jnp.asarray(K, self.dtype)
     )
-    mask_TS = key_positions_S[None, :] <= positions_T[:, None]
     # Softmax in float32 whatever the compute dtype.
-    scores_BHTS = jnp.where(mask_TS, scores_BHTS.astype(jnp.float32), -jnp.inf)
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
     probs_BHTS = nn.Dropout(self.dropout)(probs_BHTS, deterministic=self.deterministic)
     out_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS, v_BSHK.astype(self.dtype))

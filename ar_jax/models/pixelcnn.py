@@ -211,6 +211,14 @@ class GatedLayer(nn.Module):
     return _gate(v_BHW2F), h_out if self.first else h_BHWI + h_out
 
 
+def _check_whole_images(segment_ids_BT) -> None:
+  check(
+    segment_ids_BT is None,
+    'packed documents (segment_ids) apply to the text families; a PixelCNN reads whole '
+    "images, with data.sampling='examples'",
+  )
+
+
 class Model(nn.Module):
   """Un-shift the tokens into an image, masked convolutions, a per-sub-pixel softmax."""
 
@@ -250,16 +258,23 @@ class Model(nn.Module):
       C * L, (1, 1), ((0, 0), (0, 0)), mask((1, 1), head_groups, groups(C * L, C), 'B'), dtype
     )
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Each sub-pixel's value scaled to [-1, 1], [B, T, 1] (BOS too; __call__ drops it)."""
+    _check_whole_images(segment_ids_BT)
     return (tokens_BT.astype(jnp.float32) * (2.0 / (self.config.levels - 1)) - 1.0)[..., None]
 
-  def __call__(self, tokens_BT: jax.Array, embeddings_BT1: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    embeddings_BT1: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
     """Teacher forcing on [BOS, x_1 .. x_{T-1}]: logits_BTV for x_1 .. x_T.
 
     T may be N + 1 (a whole image and BOS, as decoding holds it); the last position, past the
-    image, predicts nothing and gets uniform logits.
+    image, predicts nothing and gets uniform logits. Rows are whole images: no segment_ids_BT.
     """
+    _check_whole_images(segment_ids_BT)
     cfg = self.config
     B, T = tokens_BT.shape
     N, L = cfg.num_subpixels, cfg.levels

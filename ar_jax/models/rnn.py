@@ -288,7 +288,8 @@ class Model(nn.Module):
     )
     self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    del segment_ids_BT  # a token's embedding does not depend on its document
     x = self.token_embed(tokens_BT)
     return x.astype(_state_dtype(x.dtype))
 
@@ -296,16 +297,18 @@ class Model(nn.Module):
     self, tokens_BT: jax.Array, cache: tuple, embeddings_BTE: jax.Array | None = None
   ) -> tuple[jax.Array, tuple]:
     """Consumes T tokens from the carries in `cache`: (logits_BTV, the carries after them)."""
+    eos_id = self.config.eos_id
+    # eos restarts the state.
+    keep_BT = jnp.ones(tokens_BT.shape, bool) if eos_id is None else tokens_BT != eos_id
+    return self._run(tokens_BT, cache, embeddings_BTE, keep_BT)
+
+  def _run(self, tokens_BT, cache, embeddings_BTE, keep_BT):
+    """step, the carries zeroed before every t where keep_BT is False (a document starts)."""
     cfg = self.config
     x_BTD = self.embed(tokens_BT) if embeddings_BTE is None else embeddings_BTE
     # Time-major inside (see the module docstring); the contract's arrays are [B, T, ...].
     x_TBD = jnp.swapaxes(x_BTD, 0, 1)
-    tokens_TB = tokens_BT.T
-    keep_TB = (
-      jnp.ones(tokens_TB.shape, jnp.float32)
-      if cfg.eos_id is None
-      else (tokens_TB != cfg.eos_id).astype(jnp.float32)  # eos restarts the state
-    )
+    keep_TB = keep_BT.T.astype(jnp.float32)
     new_cache = []
     for i, layer in enumerate(self.layers):
       inputs_TBD = self.norms[i](x_TBD) if cfg.layer_norm else x_TBD
@@ -325,9 +328,19 @@ class Model(nn.Module):
     logits = self.head(h.astype(_state_dtype(h.dtype)))
     return logits.astype(_state_dtype(logits.dtype))
 
-  def __call__(self, tokens_BT: jax.Array, embeddings_BTE: jax.Array | None = None) -> jax.Array:
-    """Teacher forcing from a zero state: logits_BTV."""
-    return self.step(tokens_BT, self.init_cache(tokens_BT.shape[0], 0), embeddings_BTE)[0]
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    embeddings_BTE: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
+    """Teacher forcing from a zero state: logits_BTV. Given segment_ids_BT, the state restarts
+    where each document starts: the segments mark the documents, not eos tokens."""
+    cache = self.init_cache(tokens_BT.shape[0], 0)
+    if segment_ids_BT is None:
+      return self.step(tokens_BT, cache, embeddings_BTE)[0]
+    keep_BT = ~layers.segment_starts(segment_ids_BT)
+    return self._run(tokens_BT, cache, embeddings_BTE, keep_BT)[0]
 
   def init_cache(self, batch_size: int, max_len: int = 0) -> tuple:
     """Zero carries for every layer; the length does not matter to a recurrence."""

@@ -80,7 +80,7 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, cache, positions_T):
+  def __call__(self, x_BTD, cache, positions, segment_ids_BT):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
@@ -96,7 +96,7 @@ class Block(nn.Module):
       out_init_std=residual_std,
       dtype=dtype,
       name='attn',
-    )(layers.layer_norm(dtype, cfg.use_bias, 'ln_attn')(x_BTD), positions_T, cache)
+    )(layers.layer_norm(dtype, cfg.use_bias, 'ln_attn')(x_BTD), positions, cache, segment_ids_BT)
     x_BTD = x_BTD + drop(h_BTD)
     mlp_in = layers.Dense(
       (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_in'
@@ -115,6 +115,13 @@ class Block(nn.Module):
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     return x_BTD, cache
+
+
+def _positions(tokens_BT, segment_ids_BT):
+  """0 .. T-1 for every row ([T]), or each packed document's own from 0 ([B, T])."""
+  if segment_ids_BT is None:
+    return jnp.arange(tokens_BT.shape[1])
+  return layers.segment_positions(segment_ids_BT)
 
 
 class Model(nn.Module):
@@ -138,7 +145,7 @@ class Model(nn.Module):
         block,
         variable_axes={'params': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=(0, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )(cfg, self.deterministic, name='blocks')
@@ -157,31 +164,33 @@ class Model(nn.Module):
       )
     self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
-  def _embed(self, tokens_BT, positions_T):
+  def _embed(self, tokens_BT, positions):
     cfg = self.config
     x_BTD = self.token_embed(tokens_BT)
     if cfg.pos_encoding == 'learned':
-      x_BTD = x_BTD + jnp.take(self.pos_embed, positions_T, axis=0)
+      x_BTD = x_BTD + jnp.take(self.pos_embed, positions, axis=0)
     elif cfg.pos_encoding == 'sinusoidal':
-      x_BTD = x_BTD + layers.sinusoidal(positions_T, cfg.d_model)
+      x_BTD = x_BTD + layers.sinusoidal(positions, cfg.d_model)
     return x_BTD
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
-    """Token plus position embeddings of positions 0 .. T-1, [B, T, D]."""
-    return self._embed(tokens_BT, jnp.arange(tokens_BT.shape[1]))
+  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Token plus position embeddings, [B, T, D]: positions 0 .. T-1, or with segment_ids_BT
+    each document's own from 0."""
+    return self._embed(tokens_BT, _positions(tokens_BT, segment_ids_BT))
 
-  def _forward(self, tokens_BT, positions_T, layer_caches, x_BTD=None):
+  def _forward(self, tokens_BT, positions, layer_caches, x_BTD=None, segment_ids_BT=None):
     cfg = self.config
-    x_BTD = self._embed(tokens_BT, positions_T) if x_BTD is None else x_BTD
+    x_BTD = self._embed(tokens_BT, positions) if x_BTD is None else x_BTD
     x_BTD = self.dropout(x_BTD).astype(jnp.dtype(cfg.dtype))
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     if cfg.scan_layers:
-      x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions_T)
+      x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions, segment_ids_BT)
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):
-        x_BTD, c = block(x_BTD, None if layer_caches is None else layer_caches[i], positions_T)
-        new_caches.append(c)
+        cache = None if layer_caches is None else layer_caches[i]
+        x_BTD, cache = block(x_BTD, cache, positions, segment_ids_BT)
+        new_caches.append(cache)
     x_BTD = self.ln_out(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = x_BTD.reshape(-1, cfg.d_model) @ self.token_embed.embedding.T.astype(x_BTD.dtype)
@@ -191,13 +200,20 @@ class Model(nn.Module):
     # Softmax and loss always see float32 logits.
     return logits_BTV.astype(jnp.float32), new_caches
 
-  def __call__(self, tokens_BT: jax.Array, embeddings_BTD: jax.Array | None = None) -> jax.Array:
-    """Teacher forcing: logits_BTV where position t has seen tokens <= t only."""
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    embeddings_BTD: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
+    """Teacher forcing: logits_BTV where position t has seen tokens <= t only (of its own
+    document, given segment_ids_BT)."""
     T = tokens_BT.shape[1]
     check(
       self.config.max_len >= T, f'sequence length {T} exceeds model.max_len={self.config.max_len}'
     )
-    return self._forward(tokens_BT, jnp.arange(T), None, embeddings_BTD)[0]
+    positions = _positions(tokens_BT, segment_ids_BT)
+    return self._forward(tokens_BT, positions, None, embeddings_BTD, segment_ids_BT)[0]
 
   def step(self, tokens_BT: jax.Array, cache: dict[str, Any]):
     """Cached decoding: feeds T new tokens (a prefill, or T = 1) and returns (logits_BTV, cache)."""
