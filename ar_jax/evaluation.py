@@ -28,9 +28,7 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=
   """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes.
   With packed_eos, each document in a window sees only itself (see train.train_step)."""
   inputs_BT = batch_BT[:, :-1]
-  packed = (
-    {} if packed_eos is None else {'segment_ids_BT': pipeline.segment_ids(inputs_BT, packed_eos)}
-  )
+  packed = pipeline.segments(inputs_BT, packed_eos)
   logits_BTV = model.apply({'params': params}, inputs_BT, **packed)
   nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
   nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)

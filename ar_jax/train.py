@@ -68,9 +68,7 @@ def train_step(
 
     inputs_BT = micro_BT[:, :-1]
     # The cached step (recurrent models) resets its state at eos without being told.
-    packed = (
-      {} if packed_eos is None else {'segment_ids_BT': pipeline.segment_ids(inputs_BT, packed_eos)}
-    )
+    packed = pipeline.segments(inputs_BT, packed_eos)
     if eps is not None and model.sequential:  # exact, one step at a time
       cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
       step = lambda t_B1, c, t: apply(

@@ -216,3 +216,13 @@ def test_a_parquet_file_without_the_text_column_is_named(tmp_path):
   c = config(tmp_path / 'a.parquet', **{'data.tokenizer': 'byte'})
   with pytest.raises(ConfigError, match=r"a.parquet has no column 'text'; its columns: body"):
     list(sources.documents(c.data, 'train'))
+
+
+def test_a_run_trains_on_packed_documents_from_the_store(corpus, reference, tmp_path):
+  from ar_jax import train
+
+  c = config(corpus, **{'data.prepared': str(reference), 'data.packing': 'documents'})
+  final = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert np.isfinite(final['eval/loss']) and final['eval/tokens'] > 0
+  resumed = train.train_and_evaluate(c, str(tmp_path / 'run'))  # the workdir's tokenizer
+  assert resumed['eval/loss'] == final['eval/loss']
