@@ -195,7 +195,7 @@ def test_packing_needs_documents_longer_than_a_window(tmp_path):
     data.load(c.data)
   (tmp_path / 'one.txt').write_text('one long document\n' * 100)
   one_document = tiny_config(tmp_path / 'one.txt', **{'data.packing': 'documents'})
-  with pytest.raises(ConfigError, match="needs an end-of-document token"):
+  with pytest.raises(ConfigError, match='needs an end-of-document token'):
     data.load(one_document.data)
   with pytest.raises(ConfigError, match=r"data.packing='whole'; allowed: none, documents"):
     data.load(tiny_config(docs, **{'data.packing': 'whole'}).data)
