@@ -226,3 +226,14 @@ def test_a_run_trains_on_packed_documents_from_the_store(corpus, reference, tmp_
   assert np.isfinite(final['eval/loss']) and final['eval/tokens'] > 0
   resumed = train.train_and_evaluate(c, str(tmp_path / 'run'))  # the workdir's tokenizer
   assert resumed['eval/loss'] == final['eval/loss']
+
+
+def test_prepare_names_a_bad_tokenizer_file_in_one_line(corpus, tmp_path):
+  command = prepare_command(corpus, tmp_path / 'store', 1) + [
+    '--config.data.tokenizer=bpe',
+    f'--config.data.tokenizer_path={tmp_path / "missing.json"}',
+  ]
+  out = run(command, timeout=120, cwd=REPO)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].endswith('missing.json is not a file')
+  assert not (tmp_path / 'store' / 'manifest.json').exists()
