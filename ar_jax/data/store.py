@@ -46,7 +46,7 @@ from ar_jax.errors import ConfigError, check
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-SHARD_BYTES = 16 << 20  # text per shard: seconds of tokenizing; a GB keeps 64 workers busy
+SHARD_BYTES = 4 << 20  # text per shard: about a second of one core; the last few keep all busy
 MANIFEST = 'manifest.json'
 # The config.data fields a store's contents depend on, besides the tokenizer.
 SOURCE_FIELDS = ('name', 'path', 'data_dir', 'text_feature', 'val_fraction', 'invalid_utf8')
@@ -196,7 +196,7 @@ def prepare(
     concurrent.futures.ProcessPoolExecutor(
       num_workers,
       mp_context=multiprocessing.get_context('spawn'),
-      initializer=_die_with_parent,
+      initializer=_init_worker,
       initargs=(os.getpid(),),
     )
     if num_workers > 1
@@ -303,10 +303,13 @@ def _offsets(shards: list[dict]) -> list[dict]:
   return out
 
 
-def _die_with_parent(parent: int) -> None:
-  """A worker gets SIGKILL when its parent dies (Linux's PR_SET_PDEATHSIG), so a prepare
-  killed by kill -9 leaves no workers waiting forever on a queue nobody feeds; one whose
-  parent died while it started exits at once."""
+def _init_worker(parent: int) -> None:
+  """A worker tokenizes on one thread: the workers are the parallelism, and a subword
+  library's own thread pool in each would only contend for the same cores. It gets SIGKILL
+  when its parent dies (Linux's PR_SET_PDEATHSIG), so a prepare killed by kill -9 leaves no
+  workers waiting forever on a queue nobody feeds; one whose parent died while it started
+  exits at once."""
+  os.environ['TOKENIZERS_PARALLELISM'] = 'false'
   with contextlib.suppress(OSError, AttributeError):
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
   if os.getppid() != parent:

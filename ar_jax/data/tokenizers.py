@@ -15,7 +15,9 @@ from ar_jax.errors import ConfigError, check
 log = logging.getLogger(__name__)
 
 KINDS = ('char', 'byte', *subword.KINDS)
-INVALID_UTF8 = ('error', 'skip')  # data.invalid_utf8: a text document that is not UTF-8
+INVALID_UTF8 = ('error', 'skip')
+# Text per call into a subword library: enough for its thread pool to balance across cores.
+ENCODE_BATCH_CHARS = 8 << 20  # data.invalid_utf8: a text document that is not UTF-8
 # Tokens that are numbers: sub-pixel values (data/images.py), mu-law audio levels
 # (data/audio.py). Text reads and writes them as whitespace-separated integers.
 VALUE_KINDS = ('pixel', 'mulaw')
@@ -179,10 +181,10 @@ def encode(
   listed in the result for the caller to report (warn_skipped).
   Texts are encoded in batches: a subword library encodes a batch on all cores."""
   parts, ends, skipped, pending = [], [], [], []
-  length = 0
+  length = pending_chars = 0
 
   def flush():
-    nonlocal length
+    nonlocal length, pending_chars
     texts = [text for text, _, _ in pending]
     try:
       encoded = tok.encode_texts(texts) if tok.kind != 'byte' else texts
@@ -201,6 +203,7 @@ def encode(
           length += 1
         ends.append(length)
     pending.clear()
+    pending_chars = 0
 
   doc, has_text = first_document, False
   for raw, end in chunks:
@@ -210,9 +213,10 @@ def encode(
     has_text = has_text or text is not None
     if text is not None or (end and has_text):  # a document wholly left out leaves no eos
       pending.append((text if text is not None else '', end and has_text, doc))
+      pending_chars += len(pending[-1][0])
     if end:
       doc, has_text = doc + 1, False
-    if len(pending) >= 256:
+    if pending_chars >= ENCODE_BATCH_CHARS:
       flush()
   flush()
   dtype = token_dtype(tok.vocab_size)
