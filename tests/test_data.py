@@ -211,3 +211,23 @@ def test_invalid_utf8_documents_are_skipped_when_asked(tmp_path):
   c.data.invalid_utf8 = 'skip'
   streams = data.load(c.data, train=True, evaluation=False)
   assert streams.tokenizer.decode(streams.train) == 'plain text ' * 50
+
+
+def test_a_large_file_streams_in_pieces_that_tokenize_as_the_whole(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'PIECE_BYTES', 200)
+  # Some lines end in a space, some start indented: no cut may fall beside either.
+  lines = [
+    ' ' * (i % 3) + f'value_{i} = compute({i}, "é")' + ' ' * (i % 5 == 0) + '\n' for i in range(300)
+  ]
+  text = ''.join(lines).encode()
+  (tmp_path / 'big.txt').write_bytes(text)
+  c = tiny_config(tmp_path / 'big.txt', **{'data.tokenizer': 'bpe', 'data.vocab_size': 320})
+  chunks = list(sources.documents(c.data, 'train'))
+  assert len(chunks) > 20 and [end for _, end in chunks].count(True) == 1 and chunks[-1][1]
+  whole = b''.join(t for t, _ in chunks)
+  assert whole == text[: int((1 - c.data.val_fraction) * len(text))]
+  for t, _ in chunks:
+    t.decode()  # every piece is whole characters
+  tok = tokenizers.from_config(c.data, chunks)
+  pieces = tokenizers.encode(tok, chunks, 'big').tokens
+  np.testing.assert_array_equal(pieces[:-1], tok.encode(whole))  # all but the final eos

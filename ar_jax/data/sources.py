@@ -20,10 +20,10 @@ from ar_jax.errors import ConfigError, check
 EMBEDDED = 'python_stdlib'
 FILES = 'files'
 SPLITS = ('train', 'validation')  # of files and the embedded corpus
-# A plain-text file is read in pieces of about this many bytes, cut after a line break that
-# a non-space character follows: byte-level BPE's pre-tokenizer splits there anyway, so the
+# A plain-text file is read in pieces of about this many bytes, cut after a line break
+# between non-space characters: byte-level BPE's pre-tokenizer splits there anyway, so the
 # pieces tokenize as the whole text does, and character and byte tokens are unaffected.
-PIECE_BYTES = 16 << 20
+PIECE_BYTES = 1 << 20
 
 Chunk = tuple[bytes, bool]  # (text, ends its document)
 RECORD_FILES = ('.jsonl', '.parquet')  # a document per record, its text in data.text_feature
@@ -131,11 +131,12 @@ def _pieces(path: str, start: int, stop: int) -> Iterator[Chunk]:
 
 
 def _safe_cut(block: bytes) -> int:
-  """The last place in block after a line break followed by a non-space character; else the
+  """The last place in block after a line break between two non-space characters (where
+  byte-level BPE's pre-tokenizer cuts the text the same way, whole or in pieces); else the
   last UTF-8 character boundary (never inside a character)."""
   at = len(block) - 1
   while (at := block.rfind(b'\n', 0, at)) > 0:
-    if not block[at + 1 : at + 2].isspace():
+    if not (block[at - 1 : at].isspace() or block[at + 1 : at + 2].isspace()):
       return at + 1
   at = len(block) - 1
   while at > 0 and 0x80 <= block[at] < 0xC0:  # a continuation byte: inside a character
