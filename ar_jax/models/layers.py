@@ -103,7 +103,7 @@ class Dense(nn.Module):
     kernel = self.param('kernel', init, (*inner, *self.features))
     dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
     n_in, n_out = math.prod(inner), math.prod(self.features)
-    y = x.reshape(-1, n_in).astype(dtype) @ kernel.reshape(n_in, n_out).astype(dtype)
+    y = matmul(x.reshape(-1, n_in), kernel.reshape(n_in, n_out), dtype)
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[self.in_dims :]), self.features)
@@ -126,6 +126,23 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
   # starts' indices (0 for the row's first segment, which need not start at a boundary).
   start_BT = jax.lax.cummax(jnp.where(segment_starts(segment_ids_BT), t_BT, 0), axis=1)
   return t_BT - start_BT
+
+
+def accumulation(dtype) -> jnp.dtype:
+  """Products of `dtype` operands are summed in float32 at least (float64 under x64)."""
+  return jnp.promote_types(jnp.float32, dtype)
+
+
+def matmul(a, b, dtype):
+  """a @ b with operands in the compute dtype, accumulated in float32 and returned in dtype.
+
+  The result's dtype is what a bf16 layer would give anyway, so this is neutral on GPUs and
+  TPUs (their bf16 matmuls accumulate in float32); XLA:CPU runs bf16 x bf16 -> float32 on
+  the AMX units, where a bf16 result takes a slower path than float32 itself.
+  """
+  return jnp.matmul(
+    a.astype(dtype), b.astype(dtype), preferred_element_type=accumulation(dtype)
+  ).astype(dtype)
 
 
 def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
@@ -197,14 +214,17 @@ class CausalSelfAttention(nn.Module):
       mask_BTS = (jnp.arange(k_BSHK.shape[1])[None, :] <= positions[:, None])[None]
       new_cache = {'k': k_BSHK, 'v': v_BSHK}
 
-    scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK.astype(self.dtype)) / jnp.sqrt(
-      jnp.asarray(K, self.dtype)
-    )
-    # Softmax in float32 whatever the compute dtype.
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), -jnp.inf)
+    # Scores, softmax and the weighted sum accumulate in float32 whatever the compute dtype.
+    f32 = accumulation(self.dtype)
+    scores_BHTS = jnp.einsum(
+      'bthk,bshk->bhts', q_BTHK, k_BSHK.astype(self.dtype), preferred_element_type=f32
+    ) / jnp.sqrt(jnp.asarray(K, f32))
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
     probs_BHTS = nn.Dropout(self.dropout)(probs_BHTS, deterministic=self.deterministic)
-    out_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS, v_BSHK.astype(self.dtype))
+    out_BTHK = jnp.einsum(
+      'bhts,bshk->bthk', probs_BHTS, v_BSHK.astype(self.dtype), preferred_element_type=f32
+    ).astype(self.dtype)
     out_BTD = Dense(
       (D,),
       ('heads', 'kv', 'embed'),

@@ -1,0 +1,181 @@
+"""ar_jax against PyTorch on this CPU, side by side in one process, one right after the other.
+
+  pip install -e '.[bench]'     # PyTorch, for this script only
+  python bench/vs_pytorch.py [--repeats=3] [--text=PATH] [--tiny]
+
+The same models at the same shapes, on the same random tokens, with the same optimizer
+(AdamW, global-norm clipping): a GPT of nanoGPT's architecture at the nanogpt_cpu preset's
+sizes (no biases, tied embedding, learned positions, tanh GELU as ar_jax's), the LSTM and GRU
+language models at 2 x 512, and the plain causal-conv stack of shakespeare_char.py's
+model=conv. Each is timed over the same steps after the same warm-up, medians of
+--repeats, in training tokens/s; the ratio is ar_jax / PyTorch. ar_jax runs through its
+own trainer (the compiled step of train.Trainer); PyTorch runs eagerly, as nanoGPT does on a
+CPU, with its fastest AdamW (fused where this build has it). bfloat16 rows are ar_jax's
+model.dtype=bfloat16 (bf16 matmul operands, float32 accumulation, parameters and loss)
+against its own float32.
+
+End to end: the nanogpt_cpu recipe on tiny shakespeare (--text, char-rnn's input.txt),
+start-up, compiles, 2,000 steps, its exact full-split evaluations, checkpoints and final
+sample included, as `python -m ar_jax.main` against a PyTorch script doing the same work
+(`--torch_recipe`), each in a fresh process.
+
+--tiny runs the ar_jax half alone at small shapes, in seconds (the test suite runs it, so
+this script cannot rot without a failing test).
+"""
+
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import torch_models  # noqa: E402
+
+flags.DEFINE_integer('repeats', 3, 'Timed repeats of each measurement (median).')
+flags.DEFINE_string(
+  'text',
+  str(REPO.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'),
+  'Tiny shakespeare (char-rnn input.txt) for the end-to-end comparison.',
+)
+flags.DEFINE_bool('tiny', False, 'The ar_jax half only, at small shapes: a smoke test.')
+flags.DEFINE_bool('torch_recipe', False, 'Internal: run the PyTorch end-to-end recipe.')
+flags.DEFINE_string('workdir', '', 'Internal: where --torch_recipe writes.')
+
+# (name, shakespeare_char model arg, batch, sequence, steps timed, steps per dispatch)
+WORKLOADS = (
+  ('gpt', 'transformer', 12, 64, 200, 10),
+  ('lstm', 'lstm', 32, 128, 40, 4),
+  ('gru', 'gru', 32, 128, 40, 4),
+  ('conv', 'conv', 12, 64, 200, 10),
+)
+TINY = (('gpt', 'transformer', 4, 16, 4, 2), ('lstm', 'lstm', 4, 16, 4, 2))
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    name = platform.processor() or platform.machine()
+  return f'{name}, {os.cpu_count()} cores'
+
+
+def ar_jax_config(model: str, batch: int, seq_len: int, dtype: str, text: str):
+  from experiments import shakespeare_char
+
+  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model},text={text}')
+  c.model.dtype = dtype
+  if model == 'transformer':
+    c.model.pos_encoding = 'learned'  # nanoGPT's
+  c.batch_size, c.data.seq_len = batch, seq_len
+  if 'max_len' in c.model:
+    c.model.max_len = seq_len
+  return c
+
+
+def ar_jax_rate(config, steps: int, per_dispatch: int, repeats: int) -> float:
+  """Training tokens/s of config's model through the trainer's compiled step, random tokens."""
+  import jax
+
+  from ar_jax import state as state_lib
+  from ar_jax import train
+  from ar_jax import workdir as workdir_lib
+
+  config.steps_per_dispatch = per_dispatch
+  run = workdir_lib.setup(config, tempfile.mkdtemp(prefix='vs_pytorch_'), evaluation=False)
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
+  trainer = train.Trainer(run, shardings)
+  state = train.init_state(run, shardings)
+  B, T = config.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  batches = rng.integers(0, run.tokenizer.vocab_size, (per_dispatch, B, T + 1), dtype=np.int32)
+  for _ in range(2):  # compile, then one warm dispatch
+    state, _ = trainer.train(state, batches)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps // per_dispatch):
+      state, _ = trainer.train(state, batches)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return steps // per_dispatch * per_dispatch * B * T / statistics.median(times)
+
+
+def throughput(text: str, repeats: int, tiny: bool) -> None:
+  print(f'training tokens/s ({cpu_model()}; medians of {repeats}):')
+  print(
+    f'  {"model":6s} {"shape":>9s} {"PyTorch f32":>12s} {"ar_jax f32":>11s} {"ratio":>6s}'
+    f' {"ar_jax bf16":>12s} {"bf16/f32":>8s}'
+  )
+  for name, model, B, T, steps, k in TINY if tiny else WORKLOADS:
+    ours = ar_jax_rate(ar_jax_config(model, B, T, 'float32', text), steps, k, repeats)
+    bf16 = ar_jax_rate(ar_jax_config(model, B, T, 'bfloat16', text), steps, k, repeats)
+    theirs = None if tiny else torch_models.rate(name, B, T, steps, repeats)
+    ratio = f'{ours / theirs:5.2f}x' if theirs else '     -'
+    their_text = f'{theirs:12,.0f}' if theirs else f'{"-":>12s}'
+    print(
+      f'  {name:6s} {f"{B}x{T}":>9s} {their_text} {ours:11,.0f} {ratio}'
+      f' {bf16:12,.0f} {bf16 / ours:7.2f}x'
+    )
+
+
+def end_to_end(text: str) -> None:
+  """Wall seconds of the nanogpt_cpu recipe: ar_jax's CLI against the PyTorch script."""
+  if not os.path.exists(text):
+    print(f'end to end: skipped, no {text}')
+    return
+  ours_dir, theirs_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+  ours = [
+    sys.executable,
+    '-m',
+    'ar_jax.main',
+    f'--config=experiments/shakespeare_char.py:preset=nanogpt_cpu,text={text}',
+    f'--workdir={ours_dir}',
+    '--config.model.pos_encoding=learned',
+  ]
+  theirs = [sys.executable, __file__, '--torch_recipe', f'--text={text}', f'--workdir={theirs_dir}']
+  results = {}
+  for name, command in (('PyTorch', theirs), ('ar_jax', ours)):
+    start = time.perf_counter()
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    results[name] = (time.perf_counter() - start, out.stdout.strip().splitlines()[-1])
+  print('end to end, nanogpt_cpu recipe (2,000 steps, exact evaluations every 500, sample):')
+  for name, (seconds, last) in results.items():
+    print(f'  {name:8s} {seconds:6.1f} s   {last}')
+  print(f'  wall ratio PyTorch / ar_jax: {results["PyTorch"][0] / results["ar_jax"][0]:.2f}x')
+
+
+def bench():
+  f = flags.FLAGS
+  if f.torch_recipe:
+    torch_models.recipe(f.text, f.workdir)
+    return
+  text = f.text
+  if f.tiny or not os.path.exists(text):  # throughput needs only the 65-character vocabulary
+    text = os.path.join(tempfile.mkdtemp(), 'chars.txt')
+    with open(text, 'w') as out:
+      out.write(''.join(chr(32 + i % 65) for i in range(20_000)))
+  throughput(text, 1 if f.tiny else f.repeats, f.tiny)
+  if not f.tiny:
+    end_to_end(f.text)
+
+
+def main(argv):
+  del argv
+  from ar_jax import cli
+
+  cli.run(bench)
+
+
+if __name__ == '__main__':
+  app.run(main)
