@@ -4,6 +4,7 @@ shapes, their training throughput, and the nanogpt_cpu recipe end to end.
 PyTorch is imported inside the functions: bench/vs_pytorch.py --tiny runs without it.
 """
 
+import functools
 import math
 import os
 import statistics
@@ -20,14 +21,14 @@ def _modules():
   from torch.nn import functional as F
 
   class Block(nn.Module):
-    """nanoGPT's block without biases: x + attn(LN(x)), x + mlp(LN(x)), tanh GELU."""
+    """nanoGPT's block: x + attn(LN(x)), x + mlp(LN(x)), tanh GELU (as ar_jax's)."""
 
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, bias: bool):
       super().__init__()
       self.heads = heads
-      self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
-      self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-      self.fc, self.proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+      self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+      self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+      self.fc, self.proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x):
       B, T, D = x.shape
@@ -38,26 +39,26 @@ def _modules():
       return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate='tanh'))
 
   class GPT(nn.Module):
-    def __init__(self, layers=4, heads=4, d=128, context=64):
+    def __init__(self, layers=4, heads=4, d=128, context=64, vocab=VOCAB, bias=False):
       super().__init__()
-      self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(context, d)
-      self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-      self.ln_f = nn.LayerNorm(d, bias=False)
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+      self.blocks = nn.ModuleList(Block(d, heads, bias) for _ in range(layers))
+      self.ln_f = nn.LayerNorm(d, bias=bias)
       for p in self.parameters():
         nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
 
     def forward(self, idx, carry=None):
-      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
       for block in self.blocks:
         x = block(x)
       return self.ln_f(x) @ self.wte.weight.T, None  # tied output layer
 
   class RNNLM(nn.Module):
-    def __init__(self, cell: str):
+    def __init__(self, cell: str, width: int = 512):
       super().__init__()
       self.embed = nn.Embedding(VOCAB, 128)
-      self.rnn = (nn.LSTM if cell == 'lstm' else nn.GRU)(128, 512, 2, batch_first=True)
-      self.head = nn.Linear(512, VOCAB)
+      self.rnn = (nn.LSTM if cell == 'lstm' else nn.GRU)(128, width, 2, batch_first=True)
+      self.head = nn.Linear(width, VOCAB)
 
     def forward(self, idx, carry=None):
       h, carry = self.rnn(self.embed(idx), carry)
@@ -84,7 +85,12 @@ def _modules():
   return (
     torch,
     F,
-    {'gpt': GPT, 'lstm': lambda: RNNLM('lstm'), 'gru': lambda: RNNLM('gru'), 'conv': ConvLM},
+    {
+      'gpt': GPT,
+      'lstm': functools.partial(RNNLM, 'lstm'),
+      'gru': functools.partial(RNNLM, 'gru'),
+      'conv': ConvLM,
+    },
   )
 
 
@@ -102,7 +108,7 @@ def _optimizer(torch, model, lr=1e-3, b2=0.99, weight_decay=0.1):
 
 def _step(torch, F, model, opt, x, y, carry):
   logits, carry = model(x, carry)
-  loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+  loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
   opt.zero_grad(set_to_none=True)
   loss.backward()
   torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,3 +203,49 @@ def recipe(text_path: str, workdir: str) -> None:
       probs = F.softmax(model(idx)[0][:, -1] / 0.8, dim=-1)
       idx = torch.cat([idx, torch.multinomial(probs, 1)], dim=1)
   print(f'val loss {val_loss:.4f}')
+
+
+def gpt2_rate(sizes, batch: int, repeats: int) -> float:
+  """Training tokens/s of GPT-2 (sizes: bench/gpu.py's Sizes) on the GPU, as nanoGPT trains it
+  there: torch.compile, bf16 autocast, fused AdamW, flash attention."""
+  torch, F, models = _modules()
+  s = sizes
+  model = models['gpt'](s.layers, s.heads, s.d_model, s.context, s.vocab, bias=True).cuda()
+  opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), fused=True)
+  compiled = torch.compile(model)
+  tokens = torch.randint(0, s.vocab, (batch, s.context + 1), device='cuda')
+
+  def step():
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+      _step(torch, F, compiled, opt, tokens[:, :-1], tokens[:, 1:], None)
+
+  return _timed(torch, step, batch * s.context, s.steps, repeats)
+
+
+def lstm_gpu_rate(width: int, batch: int, seq_len: int, steps: int, repeats: int) -> float:
+  """Training tokens/s of the 2-layer LSTM LM on the GPU (cuDNN), bf16 autocast, stateful."""
+  torch, F, models = _modules()
+  model = models['lstm'](width).cuda()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
+  tokens = torch.randint(0, VOCAB, (batch, seq_len + 1), device='cuda')
+  carry = [None]
+
+  def step():
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+      carry[0] = _step(torch, F, model, opt, tokens[:, :-1], tokens[:, 1:], carry[0])[1]
+
+  return _timed(torch, step, batch * seq_len, steps, repeats)
+
+
+def _timed(torch, step, tokens_per_step: int, steps: int, repeats: int) -> float:
+  for _ in range(3):  # compile and warm up
+    step()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  return steps * tokens_per_step / statistics.median(times)

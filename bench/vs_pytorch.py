@@ -25,20 +25,18 @@ this script cannot rot without a failing test).
 
 import os
 import pathlib
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import torch_models  # noqa: E402
+from bench.timing import ar_jax_config, ar_jax_rate, cpu_model  # noqa: E402
 
 flags.DEFINE_integer('repeats', 3, 'Timed repeats of each measurement (median).')
 flags.DEFINE_string(
@@ -58,57 +56,6 @@ WORKLOADS = (
   ('conv', 'conv', 12, 64, 200, 10),
 )
 TINY = (('gpt', 'transformer', 4, 16, 4, 2), ('lstm', 'lstm', 4, 16, 4, 2))
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    name = platform.processor() or platform.machine()
-  return f'{name}, {os.cpu_count()} cores'
-
-
-def ar_jax_config(model: str, batch: int, seq_len: int, dtype: str, text: str):
-  from experiments import shakespeare_char
-
-  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model},text={text}')
-  c.model.dtype = dtype
-  if model == 'transformer':
-    c.model.pos_encoding = 'learned'  # nanoGPT's
-  c.batch_size, c.data.seq_len = batch, seq_len
-  if 'max_len' in c.model:
-    c.model.max_len = seq_len
-  return c
-
-
-def ar_jax_rate(config, steps: int, per_dispatch: int, repeats: int) -> float:
-  """Training tokens/s of config's model through the trainer's compiled step, random tokens."""
-  import jax
-
-  from ar_jax import state as state_lib
-  from ar_jax import train
-  from ar_jax import workdir as workdir_lib
-
-  config.steps_per_dispatch = per_dispatch
-  run = workdir_lib.setup(config, tempfile.mkdtemp(prefix='vs_pytorch_'), evaluation=False)
-  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
-  trainer = train.Trainer(run, shardings)
-  state = train.init_state(run, shardings)
-  B, T = config.batch_size, config.data.seq_len
-  rng = np.random.default_rng(0)
-  batches = rng.integers(0, run.tokenizer.vocab_size, (per_dispatch, B, T + 1), dtype=np.int32)
-  for _ in range(2):  # compile, then one warm dispatch
-    state, _ = trainer.train(state, batches)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps // per_dispatch):
-      state, _ = trainer.train(state, batches)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
-  return steps // per_dispatch * per_dispatch * B * T / statistics.median(times)
 
 
 def throughput(text: str, repeats: int, tiny: bool) -> None:

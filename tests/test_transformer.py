@@ -70,3 +70,35 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert half.dtype == jnp.float32  # logits, softmax and loss stay float32
   np.testing.assert_allclose(half, full, atol=0.05)
   assert not np.allclose(half, full, atol=1e-6)  # the compute really ran in bfloat16
+
+
+@pytest.mark.parametrize('cached', [False, True])
+def test_fused_attention_equals_the_written_out_one(cached):
+  """jax.nn.dot_product_attention (XLA's implementation here) against the attention written
+  out: values and gradients, over the whole window and over a KV cache's slots."""
+  B, T, S, H, K = 2, 6, 10 if cached else 6, 3, 8
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, n, H, K)) for i, n in enumerate((T, S, S)))
+  if cached:  # T new tokens at positions 2 .. 7 of a 10-slot cache
+    mask = (jnp.arange(S)[None, :] <= (2 + jnp.arange(T))[:, None])[None]
+  else:  # two packed documents per row: causal within each
+    segments = jnp.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    mask = jnp.tril(jnp.ones((T, T), bool)) & (segments[:, :, None] == segments[:, None, :])
+  fused = lambda q, k, v: layers.attend(q, k, v, mask, 'xla')
+  written = lambda q, k, v: layers.attend_with_dropout(q, k, v, mask, lambda p: p)
+  np.testing.assert_allclose(fused(q, k, v), written(q, k, v), atol=1e-6)
+  grads = [
+    jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    for f in (fused, written)
+  ]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+  causal = layers.attend(q[:, :6], k[:, :6], v[:, :6], None, 'xla', is_causal=True)
+  tril = jnp.tril(jnp.ones((1, 6, 6), bool))
+  np.testing.assert_allclose(
+    causal, layers.attend_with_dropout(q[:, :6], k[:, :6], v[:, :6], tril, lambda p: p), atol=1e-6
+  )
+
+
+def test_auto_attention_is_written_out_on_a_cpu():
+  assert layers.attention_implementation('auto', jnp.bfloat16) == 'einsum'  # this is a CPU
+  with pytest.raises(ConfigError, match="attention='flash'; allowed: auto, einsum, xla, cudnn"):
+    layers.attention_implementation('flash', jnp.float32)

@@ -48,6 +48,10 @@ class Config:
   scan_layers: bool = False  # one scanned block (a 'layers' param axis): fast compiles
   remat: str = 'none'  # 'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
   dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
+  # 'xla' or 'cudnn' (jax.nn.dot_product_attention; cudnn: the fused flash kernel of NVIDIA
+  # GPUs, half precision), 'einsum' (written out), or 'auto': per platform, see
+  # layers.attention_implementation.
+  attention: str = 'auto'
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'max_len'):
@@ -67,6 +71,7 @@ class Config:
     layers.check_remat(self.remat)
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
     layers.check_dtype(self.dtype)
+    layers.attention_implementation(self.attention, self.dtype)
 
   @property
   def ff_width(self) -> int:
@@ -95,6 +100,7 @@ class Block(nn.Module):
       use_bias=cfg.use_bias,
       out_init_std=residual_std,
       dtype=dtype,
+      implementation=layers.attention_implementation(cfg.attention, dtype),
       name='attn',
     )(layers.layer_norm(dtype, cfg.use_bias, 'ln_attn')(x_BTD), positions, cache, segment_ids_BT)
     x_BTD = x_BTD + drop(h_BTD)

@@ -1,0 +1,65 @@
+"""What the benchmarks against PyTorch share: the machine's name, and ar_jax's training
+throughput through its own trainer (bench/vs_pytorch.py on CPU, bench/gpu.py on a GPU)."""
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    name = platform.processor() or platform.machine()
+  return f'{name}, {os.cpu_count()} cores'
+
+
+def ar_jax_config(model: str, batch: int, seq_len: int, dtype: str, text: str):
+  from experiments import shakespeare_char
+
+  c = shakespeare_char.get_config(f'preset=nanogpt_cpu,model={model},text={text}')
+  c.model.dtype = dtype
+  if model == 'transformer':
+    c.model.pos_encoding = 'learned'  # nanoGPT's
+  c.batch_size, c.data.seq_len = batch, seq_len
+  if 'max_len' in c.model:
+    c.model.max_len = seq_len
+  return c
+
+
+def ar_jax_rate(config, steps: int, per_dispatch: int, repeats: int) -> float:
+  """Training tokens/s of config's model through the trainer's compiled step, random tokens."""
+  import jax
+
+  from ar_jax import state as state_lib
+  from ar_jax import train
+  from ar_jax import workdir as workdir_lib
+
+  config.steps_per_dispatch = per_dispatch
+  # The model and its vocabulary alone: no split is tokenized (a subword vocabulary still to
+  # be trained counts data.vocab_size tokens).
+  run = workdir_lib.setup(
+    config, tempfile.mkdtemp(prefix='vs_pytorch_'), train=False, evaluation=False
+  )
+  _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
+  trainer = train.Trainer(run, shardings)
+  state = train.init_state(run, shardings)
+  B, T = config.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  batches = rng.integers(0, run.tokenizer.vocab_size, (per_dispatch, B, T + 1), dtype=np.int32)
+  for _ in range(2):  # compile, then one warm dispatch
+    state, _ = trainer.train(state, batches)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps // per_dispatch):
+      state, _ = trainer.train(state, batches)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return steps // per_dispatch * per_dispatch * B * T / statistics.median(times)
