@@ -123,6 +123,11 @@ def defaults() -> ml_collections.ConfigDict:
   # rule lists is replicated.
   c.sharding_rules = ()
 
+  # A jax.profiler trace of training steps start .. start + count - 1 into WORKDIR/profile
+  # (process 0's); count 0 = none. See ar_jax/profiling.py.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = (0, 0)
+
   c.sample = ml_collections.ConfigDict()  # the sample written at the end of training
   c.sample.prompt = '\n'
   c.sample.max_new_tokens = 256  # clipped to the model's context

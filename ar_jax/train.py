@@ -21,6 +21,7 @@ from ar_jax import (
   evaluation,
   finite,
   preemption,
+  profiling,
   progress,
   scheduled_sampling,
   sharding,
@@ -192,14 +193,16 @@ class Trainer:
     return progress.memory_per_device(self.compile(state, self.abstract_batches(k)))
 
 
-def chunk_sizes(start: int, config: ml_collections.ConfigDict) -> list[int]:
+def chunk_sizes(start: int, config: ml_collections.ConfigDict, marks=()) -> list[int]:
   """How many steps each dispatch runs: at most steps_per_dispatch, and never past a step where
-  the loop logs, evaluates or saves. Resuming from a saved step gives the same chunks as an
-  uninterrupted run from there, so its losses are the same bit for bit."""
+  the loop logs, evaluates or saves, or one of `marks` (a profile's first and end steps).
+  Resuming from a saved step gives the same chunks as an uninterrupted run from there, so
+  its losses are the same bit for bit."""
   every = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
   sizes, step = [], start
   while step < config.num_train_steps:
-    nxt = min([config.num_train_steps] + [(step // e + 1) * e for e in every])
+    after = [m for m in marks if m > step]
+    nxt = min([config.num_train_steps, *after] + [(step // e + 1) * e for e in every])
     k = min(config.steps_per_dispatch, nxt - step)
     sizes.append(k)
     step += k
@@ -276,6 +279,7 @@ def train_and_evaluate(
     trainer = Trainer(run, shardings)
     evaluator = evaluation.Evaluator(run, shardings.params)
     writer = writers.MetricWriter(workdir, resume_step=step)
+    trace = profiling.Trace(config, workdir)
     meter = progress.Progress(run, trainer.stopwatch, state_lib.count_params(state.params))
 
     final_eval, pending, stopped = {}, [], False
@@ -292,11 +296,13 @@ def train_and_evaluate(
 
         if eval_pending:  # the evaluation at the checkpoint's step was cut short by a stop
           stopped = not evaluate()
-        for k in [] if stopped else chunk_sizes(step, config):
+        for k in [] if stopped else chunk_sizes(step, config, trace.marks()):
           local = np.stack([next(batches) for _ in range(k)])
+          trace.before(step)
           state, step_metrics = trainer.train(state, local)
           pending.append(step_metrics)
           step += k
+          trace.after(step, state)
           at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
           ckpt.check()  # a background save that failed stops the run here
           stopped = stop.requested()
@@ -327,6 +333,7 @@ def train_and_evaluate(
           evaluator.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
         )
     finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
+      trace.finish()
       writer.close()
   if not stopped:
     text, sample_speed = write_sample(run, state.params, step)

@@ -20,7 +20,17 @@ import ml_collections
 import optax
 from jax.experimental import multihost_utils
 
-from ar_jax import checkpoint, data, models, optim, scheduled_sampling, sharding, state, writers
+from ar_jax import (
+  checkpoint,
+  data,
+  models,
+  optim,
+  profiling,
+  scheduled_sampling,
+  sharding,
+  state,
+  writers,
+)
 from ar_jax.data import tokenizers
 from ar_jax.errors import ConfigError, RunError, check
 
@@ -50,6 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ('eval_batches', 'eval_batch_size'):  # 0 means: all of them, batch_size
     check(config[name] >= 0, f'{name} must be >= 0 (0 = the default), got {config[name]}')
   scheduled_sampling.validate(config.scheduled_sampling)
+  profiling.validate(config.profile)
   warmup = optim.warmup_steps(config.optim, config.num_train_steps)
   if warmup != config.optim.warmup_steps:
     log.warning(

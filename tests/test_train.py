@@ -148,3 +148,15 @@ def test_bfloat16_trains_like_float32_with_float32_state(text_file, tmp_path):
       np.dtype('int32'),  # the optimizer's step count
     }
   assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=0.02)
+
+
+def test_a_profile_traces_the_chosen_steps(text_file, tmp_path):
+  c = tiny_config(text_file, **{'profile.steps': (4, 1), 'steps_per_dispatch': 10})
+  assert train.chunk_sizes(0, c) == [2, 1, 1, 2]  # to the logs at 2, 4, the eval at 3
+  assert train.chunk_sizes(0, c, (4, 5)) == [2, 1, 1, 1, 1]  # and the trace's end at 5
+  train.train_and_evaluate(c, str(tmp_path))
+  traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert list((tmp_path / 'profile').rglob('*.trace.json.gz'))
+  with pytest.raises(ConfigError, match=r'must be two non-negative integers, got \(-1, 2\)'):
+    workdir_lib.validate(tiny_config(text_file, **{'profile.steps': (-1, 2)}))
