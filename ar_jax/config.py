@@ -123,6 +123,14 @@ def defaults() -> ml_collections.ConfigDict:
   # rule lists is replicated.
   c.sharding_rules = ()
 
+  # Weights & Biases, beside metrics.jsonl and TensorBoard (process 0; the same scalars):
+  # on when project is set. mode 'offline' writes WORKDIR/wandb for a later `wandb sync`.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ''
+  c.wandb.entity = ''  # '' = the W&B default for the logged-in user
+  c.wandb.name = ''  # '' = the workdir's name
+  c.wandb.mode = 'online'  # 'online', 'offline' or 'disabled'
+
   # A jax.profiler trace of training steps start .. start + count - 1 into WORKDIR/profile
   # (process 0's); count 0 = none. See ar_jax/profiling.py.
   c.profile = ml_collections.ConfigDict()

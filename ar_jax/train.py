@@ -278,7 +278,7 @@ def train_and_evaluate(
     meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
     trainer = Trainer(run, shardings)
     evaluator = evaluation.Evaluator(run, shardings.params)
-    writer = writers.MetricWriter(workdir, resume_step=step)
+    writer = writers.MetricWriter(workdir, resume_step=step, config=config)
     trace = profiling.Trace(config, workdir)
     meter = progress.Progress(run, trainer.stopwatch, state_lib.count_params(state.params))
 

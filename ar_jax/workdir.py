@@ -61,6 +61,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config[name] >= 0, f'{name} must be >= 0 (0 = the default), got {config[name]}')
   scheduled_sampling.validate(config.scheduled_sampling)
   profiling.validate(config.profile)
+  check(
+    config.wandb.mode in writers.WANDB_MODES,
+    f'wandb.mode={config.wandb.mode!r}; allowed: {", ".join(writers.WANDB_MODES)}',
+  )
   warmup = optim.warmup_steps(config.optim, config.num_train_steps)
   if warmup != config.optim.warmup_steps:
     log.warning(

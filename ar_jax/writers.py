@@ -1,15 +1,18 @@
-"""Metrics to disk: metrics.jsonl (one JSON object per line) and TensorBoard event files."""
+"""Metrics to disk: metrics.jsonl (one JSON object per line) and TensorBoard event files; and
+to Weights & Biases when config.wandb.project names a project."""
 
 import json
 import logging
 import os
+import uuid
 from typing import Any
 
 import jax
 
-from ar_jax.errors import RunError
+from ar_jax.errors import ConfigError, RunError
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
+WANDB_MODES = ('online', 'offline', 'disabled')
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -42,8 +45,9 @@ class MetricWriter:
   they came from work lost with the process that wrote them, and are about to be redone.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, config=None):
     self._active = jax.process_index() == 0
+    self._wandb = None
     if not self._active:
       return
     from tensorboardX import SummaryWriter  # Heavy import; only process 0 needs it.
@@ -62,6 +66,8 @@ class MetricWriter:
     os.replace(path + '.tmp', path)
     self._jsonl = open(path, 'a')  # noqa: SIM115 - closed in close()
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if config is not None and config.wandb.project:
+      self._wandb = _wandb_run(workdir, config)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._active:
@@ -72,8 +78,41 @@ class MetricWriter:
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
 
   def close(self) -> None:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _wandb_run(workdir: str, config):
+  """The W&B run of this workdir: its id is kept in WORKDIR/wandb/run_id, so a resumed run
+  goes on logging into the same W&B run."""
+  try:
+    import wandb  # An optional extra: pip install -e '.[wandb]'.
+  except ImportError as e:
+    raise ConfigError(
+      "wandb.project is set but wandb is not installed: pip install -e '.[wandb]'"
+    ) from e
+  os.makedirs(os.path.join(workdir, 'wandb'), exist_ok=True)
+  id_path = os.path.join(workdir, 'wandb', 'run_id')
+  if not os.path.exists(id_path):
+    with open(id_path, 'w') as f:
+      f.write(uuid.uuid4().hex[:12])
+  with open(id_path) as f:
+    run_id = f.read().strip()
+  w = config.wandb
+  return wandb.init(
+    project=w.project,
+    entity=w.entity or None,
+    name=w.name or os.path.basename(os.path.abspath(workdir)),
+    id=run_id,
+    resume='allow',
+    mode=w.mode,
+    dir=workdir,
+    config=json.loads(config.to_json()),
+  )

@@ -160,3 +160,22 @@ def test_a_profile_traces_the_chosen_steps(text_file, tmp_path):
   assert list((tmp_path / 'profile').rglob('*.trace.json.gz'))
   with pytest.raises(ConfigError, match=r'must be two non-negative integers, got \(-1, 2\)'):
     workdir_lib.validate(tiny_config(text_file, **{'profile.steps': (-1, 2)}))
+
+
+def test_weights_and_biases_gets_the_same_scalars_offline(text_file, tmp_path):
+  import wandb
+
+  c = tiny_config(text_file, **{'wandb.project': 'ar_jax_test', 'wandb.mode': 'offline'})
+  try:
+    train.train_and_evaluate(c, str(tmp_path))
+    train.train_and_evaluate(c, str(tmp_path))  # resumed: the same W&B run
+  finally:
+    wandb.teardown()  # its service process ends with the test
+  runs = list((tmp_path / 'wandb').glob('offline-run-*'))
+  run_id = (tmp_path / 'wandb' / 'run_id').read_text()
+  assert runs and all(r.name.endswith(run_id) for r in runs)
+  history = b''.join(p.read_bytes() for r in runs for p in r.glob('*.wandb'))
+  for key in read_jsonl(tmp_path / 'metrics.jsonl')[-1]:
+    assert key == 'step' or key.encode() in history
+  with pytest.raises(ConfigError, match="wandb.mode='cloud'; allowed: online, offline"):
+    workdir_lib.validate(tiny_config(text_file, **{'wandb.mode': 'cloud'}))
