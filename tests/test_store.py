@@ -237,3 +237,9 @@ def test_prepare_names_a_bad_tokenizer_file_in_one_line(corpus, tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1].endswith('missing.json is not a file')
   assert not (tmp_path / 'store' / 'manifest.json').exists()
+
+
+def test_compiling_alone_never_fills_a_store(corpus, tmp_path):
+  c = config(corpus, **{'data.prepared': str(tmp_path / 'store'), 'data.tokenizer': 'byte'})
+  assert data.load(c.data, train=False, evaluation=False).tokenizer.vocab_size == 257
+  assert not (tmp_path / 'store').exists()

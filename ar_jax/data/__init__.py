@@ -48,7 +48,8 @@ def load(
   if tokenizer is None and not (train or evaluation) and _to_train(data):
     # Compiling needs only the vocabulary's size: no corpus is read to train a tokenizer.
     return TokenStreams(tokenizers.untrained(data), None, {})
-  if data.prepared:
+  # Compiling alone (no split asked for) never fills a store: that is a prepare's work.
+  if data.prepared and (train or evaluation or store.read_manifest(data.prepared)):
     tokenizer, splits, longest = _prepared(data, tokenizer)
     read = lambda split: splits[split]
   else:
