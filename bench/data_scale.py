@@ -86,7 +86,7 @@ def tokenizer_throughput(scratch: pathlib.Path) -> None:
   prepared = size / statistics.median(times)
   print(f'\nBPE (8,192 tokens) on the embedded corpus, {size:.1f} MB of training text')
   print(f'  tokenizers encode_batch, in process:         {library:6.2f} MB/s')
-  print(f'  python -m ar_jax.prepare, {workers} workers, to disk: {prepared:6.2f} MB/s')
+  print(f'  store.prepare (ar_jax.prepare), {workers} workers, to disk: {prepared:6.2f} MB/s')
   print(f'  ratio prepare / library: {prepared / library:.2f} (target >= 0.80)')
 
 
