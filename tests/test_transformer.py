@@ -84,7 +84,7 @@ def test_fused_attention_equals_the_written_out_one(cached):
     segments = jnp.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
     mask = jnp.tril(jnp.ones((T, T), bool)) & (segments[:, :, None] == segments[:, None, :])
   fused = lambda q, k, v: layers.attend(q, k, v, mask, 'xla')
-  written = lambda q, k, v: layers.attend_with_dropout(q, k, v, mask, lambda p: p)
+  written = lambda q, k, v: layers.attend_written_out(q, k, v, mask, lambda p: p)
   np.testing.assert_allclose(fused(q, k, v), written(q, k, v), atol=1e-6)
   grads = [
     jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -94,7 +94,7 @@ def test_fused_attention_equals_the_written_out_one(cached):
   causal = layers.attend(q[:, :6], k[:, :6], v[:, :6], None, 'xla', is_causal=True)
   tril = jnp.tril(jnp.ones((1, 6, 6), bool))
   np.testing.assert_allclose(
-    causal, layers.attend_with_dropout(q[:, :6], k[:, :6], v[:, :6], tril, lambda p: p), atol=1e-6
+    causal, layers.attend_written_out(q[:, :6], k[:, :6], v[:, :6], tril, lambda p: p), atol=1e-6
   )
 
 

@@ -45,11 +45,13 @@ def load(
       train=streams[data.train_split] if train else None,
       eval={split: streams[split] for split in data.eval_splits} if evaluation else {},
     )
-  if tokenizer is None and not (train or evaluation) and _to_train(data):
+  prepared = bool(data.prepared) and store.read_manifest(data.prepared) is not None
+  to_train = data.tokenizer in subword.KINDS and tokenizers.needs_train_split(data)
+  if tokenizer is None and not (train or evaluation) and to_train and not prepared:
     # Compiling needs only the vocabulary's size: no corpus is read to train a tokenizer.
     return TokenStreams(tokenizers.untrained(data), None, {})
   # Compiling alone (no split asked for) never fills a store: that is a prepare's work.
-  if data.prepared and (train or evaluation or store.read_manifest(data.prepared)):
+  if data.prepared and (train or evaluation or prepared):
     tokenizer, splits, longest = _prepared(data, tokenizer)
     read = lambda split: splits[split]
   else:
@@ -85,12 +87,6 @@ def load(
         f'past {longest} would ever be trained; lower data.seq_len',
       )
   return streams
-
-
-def _to_train(data: Any) -> bool:
-  """Whether config.data's tokenizer is a subword one still to be trained."""
-  done = data.prepared and store.read_manifest(data.prepared) is not None
-  return data.tokenizer in subword.KINDS and tokenizers.needs_train_split(data) and not done
 
 
 def _prepared(data: Any, tokenizer: AnyTokenizer | None):

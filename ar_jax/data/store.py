@@ -77,12 +77,6 @@ class Tokens:
     """[len(starts), length] int32: tokens starts[r] .. starts[r] + length - 1 in row r,
     across shard boundaries; 0 past the end of the stream."""
     out = np.zeros((len(starts), length), np.int32)
-    if len(self.shards) == 1:  # one slice per row, no shard lookups
-      shard = self.shards[0]
-      for r, start in enumerate(starts):
-        piece = shard[start : start + length]
-        out[r, : len(piece)] = piece
-      return out
     for r, start in enumerate(starts):
       pos, filled = int(start), 0
       while filled < length and pos < len(self):

@@ -177,7 +177,7 @@ ATTENTION = ('auto', 'einsum', 'xla', 'cudnn')
 def attention_implementation(kind: str, dtype) -> str:
   """model.attention -> how attention is computed. 'xla' and 'cudnn' are
   jax.nn.dot_product_attention's implementations ('cudnn': the fused flash kernel of NVIDIA
-  GPUs, in half precision); 'einsum' is the attention written out (attend_with_dropout).
+  GPUs, in half precision); 'einsum' is the attention written out (attend_written_out).
   'auto' picks per platform: cudnn on a GPU in half precision, the written-out form on a CPU
   (XLA:CPU trains the nanogpt_cpu GPT about 15% faster with it than with
   dot_product_attention's XLA form), XLA's elsewhere."""
@@ -202,7 +202,7 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation: str, is_causal: boo
   )
 
 
-def attend_with_dropout(q_BTHK, k_BSHK, v_BSHK, mask_BTS, dropout):
+def attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, dropout):
   """attend() written out, with `dropout` on the attention weights (which the fused kernels
   do not take): scores and softmax in float32 whatever the compute dtype."""
   f32 = accumulation(q_BTHK.dtype)
@@ -270,7 +270,7 @@ class CausalSelfAttention(nn.Module):
       if mask_BTS is None:
         mask_BTS = jnp.tril(jnp.ones((1, T, T), bool))
       drop = functools.partial(nn.Dropout(self.dropout), deterministic=self.deterministic)
-      out_BTHK = attend_with_dropout(q_BTHK, k_BSHK, v_BSHK, mask_BTS, drop)
+      out_BTHK = attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, drop)
     else:
       causal = mask_BTS is None
       out_BTHK = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.implementation, causal)
