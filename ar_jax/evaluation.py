@@ -8,17 +8,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ar_jax import metrics, sharding, state, workdir
 from ar_jax.data import pipeline
 
 
+@jax.custom_vjp
+def token_nll(logits_BTV, targets_BT):
+  """-log softmax(logits)[target] per token, in float32 (or wider) whatever the logits are.
+
+  Its gradient, softmax(logits) - onehot(target), is written in one pass over the logits, in
+  their dtype: autodiff of the same formula (optax's) materialised float32 logits and their
+  float32 cotangent, 6.6 GB each for GPT-2 at batch 32, and on an H200 took 5 ms of a 69 ms
+  step. Equal to optax.softmax_cross_entropy_with_integer_labels, values and gradients."""
+  return _nll_forward(logits_BTV, targets_BT)[0]
+
+
+def _nll_forward(logits_BTV, targets_BT):
+  wide_BTV = logits_BTV.astype(jnp.promote_types(jnp.float32, logits_BTV.dtype))
+  lse_BT = jax.nn.logsumexp(wide_BTV, axis=-1)
+  target_BT = jnp.take_along_axis(wide_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
+
+
+def _nll_backward(residuals, g_BT):
+  logits_BTV, targets_BT, lse_BT = residuals
+  probs_BTV = jnp.exp(logits_BTV.astype(lse_BT.dtype) - lse_BT[..., None])
+  onehot_BTV = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1])
+  grad_BTV = (probs_BTV - onehot_BTV) * g_BT[..., None]
+  return grad_BTV.astype(logits_BTV.dtype), None
+
+
+token_nll.defvjp(_nll_forward, _nll_backward)
+
+
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
   """(sum of token losses, sum of weights); the loss is float32 whatever the logits were."""
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
-    logits_BTV.astype(jnp.float32), targets_BT
-  )
+  losses_BT = token_nll(logits_BTV, targets_BT)
   if weights_BT is None:
     weights_BT = jnp.ones_like(losses_BT)
   return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)

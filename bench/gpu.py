@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 # JAX takes memory as it needs it, not 75% of the GPU up front: PyTorch runs in this process.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+import ar_jax  # noqa: E402, F401 - its XLA defaults (cuBLAS matmuls), before JAX starts
 from bench import torch_models  # noqa: E402
 from bench.timing import ar_jax_config, ar_jax_rate  # noqa: E402
 

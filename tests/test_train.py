@@ -1,5 +1,9 @@
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ar_jax import evaluation, optim, train
@@ -24,6 +28,41 @@ def test_chunks_stop_at_every_log_eval_and_checkpoint_step():
   assert {7, 10, 14, 20, 21} <= set(ends)
   resumed = train.chunk_sizes(14, cfg)  # a resumed run cuts the rest the same way
   assert (14 + np.cumsum(resumed)).tolist() == [e for e in ends if e > 14]
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_token_loss_and_its_gradient_equal_optax_and_keep_the_logits_dtype(dtype):
+  logits = (3 * jax.random.normal(jax.random.key(0), (3, 5, 17))).astype(dtype)
+  targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 17)
+  weights = jax.random.uniform(jax.random.key(2), (3, 5))
+
+  def ours(x):
+    return jnp.sum(evaluation.token_nll(x, targets) * weights)
+
+  def optax_(x):
+    losses = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), targets)
+    return jnp.sum(losses * weights)
+
+  np.testing.assert_allclose(ours(logits), optax_(logits), rtol=1e-6)
+  grad = jax.jit(jax.grad(ours))(logits)
+  assert grad.dtype == logits.dtype
+  np.testing.assert_allclose(
+    grad.astype(np.float32), jax.grad(optax_)(logits).astype(np.float32), atol=1e-6
+  )
+
+
+def test_xla_defaults_add_cublas_matmuls_unless_the_user_chose(monkeypatch):
+  import ar_jax
+
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  ar_jax._xla_defaults()
+  assert os.environ['XLA_FLAGS'].split() == [
+    '--xla_force_host_platform_device_count=8',
+    '--xla_gpu_enable_triton_gemm=false',
+  ]
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=true')
+  ar_jax._xla_defaults()
+  assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_triton_gemm=true'
 
 
 def test_weight_decay_skips_biases_and_norms():
