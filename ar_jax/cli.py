@@ -74,7 +74,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     rest = flags.FLAGS(argv)
-    if 'config' in flags.FLAGS and not isinstance(flags.FLAGS.config, str):
+    if 'config' in flags.FLAGS and not isinstance(flags.FLAGS.config, str | None):
       flags.FLAGS.config.keys()  # a missing file is reported lazily, on first use: use it now
     return rest
   except Exception as e:  # the experiment file is user code: any error is one line

@@ -140,6 +140,12 @@ def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_l
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.seed))
 
 
+def checkpoint_meta(run: workdir_lib.Run) -> dict:
+  """What a checkpoint records of its run besides the state: the config and tokenizer."""
+  config = json.loads(run.config.to_json())
+  return {'config': config, 'tokenizer': dataclasses.asdict(run.tokenizer)}
+
+
 class Trainer:
   """The compiled train dispatch of one run."""
 
@@ -269,13 +275,14 @@ def train_and_evaluate(
       state = init_state(run, shardings)
     else:
       saved_step, state, data_state, saved_meta = restored
-      batches.set_state(data_state)
+      if data_state:  # an imported checkpoint (ar_jax.convert) has read no data yet
+        batches.set_state(data_state)
       eval_pending = saved_meta.get('eval_pending', False)
       log.info('resumed from the checkpoint at step %d', saved_step)
     step = first_step = int(state.step)
     if step < config.num_train_steps:
       workdir_lib.unfinished(workdir)
-    meta = {'config': json.loads(config.to_json()), 'tokenizer': dataclasses.asdict(run.tokenizer)}
+    meta = checkpoint_meta(run)
     trainer = Trainer(run, shardings)
     evaluator = evaluation.Evaluator(run, shardings.params)
     writer = writers.MetricWriter(workdir, resume_step=step, config=config)

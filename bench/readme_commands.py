@@ -38,6 +38,7 @@ SKIP = {
   "pip install -e '.[test]'": 'the test suite: .ci/run runs it on a clean clone',
   'sbatch ': 'needs a SLURM cluster',
   'launch/tpu_vm.sh': 'needs Cloud TPU VMs',
+  'hf download ': 'downloads GPT-2 from the Hugging Face Hub (tests/test_convert.py covers it)',
 }
 # Downloads, and the copy of their file in ../shared/data that replaces them here.
 DOWNLOADS = {
