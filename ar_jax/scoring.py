@@ -23,11 +23,14 @@ def score(
   *,
   prompt_lengths: Any = None,
   continuation_lengths: Any = None,
-) -> tuple[jax.Array, jax.Array]:
+  greedy: bool = False,
+) -> tuple[jax.Array, ...]:
   """Exact log p(continuation | prompt) from the teacher-forced full forward (no cache).
 
   Both arrays are padded on the right; lengths default to their widths. Returns the sum per
-  row [B] and each continuation token's log-probability [B, C] (0 past its length).
+  row [B] and each continuation token's log-probability [B, C] (0 past its length); with
+  greedy=True also whether each row's continuation is the greedy one [B] (every token the
+  argmax after the tokens before it: lm-eval's is_greedy), from the same forward.
   """
   prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
   continuations_BC = jnp.asarray(continuations_BC, jnp.int32)
@@ -47,7 +50,7 @@ def score(
     )
   # A width from the padded shapes, not the data, so batches of one shape compile once.
   width = min(P + C, model.max_len or P + C)
-  return _score(
+  total_B, per_token_BC, greedy_B = _score(
     model,
     params,
     prompts_BP,
@@ -56,6 +59,7 @@ def score(
     jnp.asarray(continuation_B, jnp.int32),
     width,
   )
+  return (total_B, per_token_BC, greedy_B) if greedy else (total_B, per_token_BC)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'width'))
@@ -72,9 +76,9 @@ def _score(model, params, prompts_BP, prompt_B, continuations_BC, continuation_B
   next_BL = jnp.pad(tokens_BL[:, 1:], ((0, 0), (0, 1)))
   log_p_BL = jnp.take_along_axis(log_p_BLV, next_BL[..., None], -1)[..., 0]
   predicted_at_BC = jnp.clip(prompt_B[:, None] - 1 + jnp.arange(C), 0, width - 1)
-  per_token_BC = jnp.where(
-    jnp.arange(C) < continuation_B[:, None],
-    jnp.take_along_axis(log_p_BL, predicted_at_BC, axis=1),
-    0.0,
-  )
-  return per_token_BC.sum(-1), per_token_BC
+  scored_BC = jnp.arange(C) < continuation_B[:, None]
+  per_token_BC = jnp.where(scored_BC, jnp.take_along_axis(log_p_BL, predicted_at_BC, axis=1), 0.0)
+  # The first argmax, as torch's (lm-eval's reference), so ties count alike.
+  argmax_BL = jnp.argmax(log_p_BLV, axis=-1) == next_BL
+  greedy_BC = jnp.take_along_axis(argmax_BL, predicted_at_BC, axis=1) | ~scored_BC
+  return per_token_BC.sum(-1), per_token_BC, greedy_BC.all(-1)
