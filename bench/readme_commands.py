@@ -39,6 +39,7 @@ SKIP = {
   'sbatch ': 'needs a SLURM cluster',
   'launch/tpu_vm.sh': 'needs Cloud TPU VMs',
   'hf download ': 'downloads GPT-2 from the Hugging Face Hub (tests/test_convert.py covers it)',
+  'ar_jax.lm_harness': 'needs the [eval] extra and a task folder (tests/test_lm_harness.py)',
 }
 # Downloads, and the copy of their file in ../shared/data that replaces them here.
 DOWNLOADS = {
