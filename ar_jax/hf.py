@@ -133,15 +133,21 @@ def _flat(params) -> dict[str, object]:
   return flat
 
 
+def _safetensors():
+  try:
+    import safetensors.numpy
+  except ImportError as e:
+    raise ConfigError("Hugging Face checkpoints need safetensors: pip install -e '.[hf]'") from e
+  return safetensors.numpy
+
+
 def read_weights(hf_dir: str) -> dict[str, np.ndarray]:
   """GPT-2's tensors by their GPT2LMHeadModel names, as float32 numpy arrays."""
   files = sorted(f for f in os.listdir(hf_dir) if f.endswith('.safetensors'))
   if files:
-    from safetensors.numpy import load_file
-
     tensors = {}
     for name in files:
-      tensors.update(load_file(os.path.join(hf_dir, name)))
+      tensors.update(_safetensors().load_file(os.path.join(hf_dir, name)))
   elif os.path.isfile(bin_path := os.path.join(hf_dir, 'pytorch_model.bin')):
     try:
       import torch
@@ -255,8 +261,7 @@ def export_run(run_dir: str, out: str) -> None:
     + "; export supports GPT-2's architecture: model.name='transformer', "
     "pos_encoding='learned', use_bias=True",
   )
-  from safetensors.numpy import save_file
-
+  save_file = _safetensors().save_file
   model, params, tokenizer, _ = workdir.load(run_dir)
   names = _names(model.config)
   tensors = {

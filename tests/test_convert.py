@@ -4,6 +4,7 @@ the layout, round trips and refusals need only safetensors."""
 
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,13 @@ def test_checkpoints_ar_jax_cannot_compute_exactly_are_refused(
   with pytest.raises(ConfigError, match=message):
     hf.import_run(str(source), experiment(source), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_without_safetensors_the_extra_is_named(tmp_path, tokenizer, monkeypatch):
+  source = write_hf_dir(tmp_path / 'hf', tokenizer)
+  monkeypatch.setitem(sys.modules, 'safetensors.numpy', None)  # import fails, as uninstalled
+  with pytest.raises(ConfigError, match=r"need safetensors: pip install -e '\.\[hf\]'"):
+    hf.read_weights(str(source))
 
 
 def test_an_import_refuses_an_existing_run_and_an_export_other_families(tmp_path, tokenizer):

@@ -43,3 +43,23 @@ def test_nothing_after_a_document_start_depends_on_what_came_before_it():
   grad = np.asarray(jax.grad(after_the_start)(gates))
   assert np.isfinite(grad).all()
   assert (grad[0, :8] == 0).all() and (grad[0, 8:] != 0).any()
+
+
+def test_the_written_gradient_equals_autodiff_through_the_scan():
+  gates = jax.random.normal(jax.random.key(0), (2, 33, 3, 5))
+  keep = (jnp.arange(33) != 20)[None, :, None]
+  h0 = jax.random.uniform(jax.random.key(1), (2, 5))
+  weights = jax.random.normal(jax.random.key(2), (2, 33, 5))
+
+  def autodiff_scan(log_a, log_b, h0):
+    log_decay, log_h = jax.lax.associative_scan(minrnn._compose, (log_a, log_b), axis=1)
+    return jnp.exp(log_decay) * h0[:, None] + jnp.exp(log_h)
+
+  def loss(scan, gates, h0):
+    log_a, log_b = minrnn.log_coefficients('minlstm', gates)
+    return (scan(jnp.where(keep, log_a, -jnp.inf), log_b, h0) * weights).sum()
+
+  ours = jax.grad(loss, argnums=(1, 2))(minrnn.linear_scan, gates, h0)
+  autodiff = jax.grad(loss, argnums=(1, 2))(autodiff_scan, gates, h0)
+  for a, b in zip(ours, autodiff, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

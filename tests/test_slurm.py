@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
   or os.geteuid() != 0,
   reason="needs root and Debian's slurm-wlm and munge packages (.ci/run installs them)",
 )
-QUICKSTART_STEPS = 60
+QUICKSTART_STEPS = 40
 
 
 def free_port() -> int:
