@@ -121,8 +121,9 @@ def linear_scan(log_a_BTE, log_b_BTE, h0_BE):
 
   Its gradient is the same recurrence backwards in time, g_t = dL/dh_t + a_{t+1} g_{t+1}
   (one more scan, in linear space: g has either sign, and with a <= 1 it cannot overflow),
-  then d log b_t = g_t b_t and d log a_t = g_t a_t h_{t-1}: autodiff through the scan's tree
-  of log-sum-exps took XLA several times longer to compile under a sharded mesh."""
+  then d log b_t = g_t b_t and d log a_t = g_t a_t h_{t-1}. Autodiff through the scan's tree
+  of log-sum-exps gives the same values (tested), but XLA took half as long again to compile
+  that under a sharded mesh."""
   return _scan_forward(log_a_BTE, log_b_BTE, h0_BE)[0]
 
 
