@@ -24,7 +24,7 @@ V = 13
 T = 12
 VARIANTS = [(name, variant) for name in models.available() for variant in models.tiny_configs(name)]
 FAMILIES = models.available()
-# (data, fsdp, tensor): each alone where it is 8 wide, and all three at once.
+# (data, fsdp, tensor): data and fsdp each 8 wide alone, and all three axes at once.
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 LARGE = 1024  # elements: a parameter larger than this must be split under fsdp=8
 
