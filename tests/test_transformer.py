@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,56 @@ def test_auto_attention_is_written_out_on_a_cpu():
   assert layers.attention_implementation('auto', jnp.bfloat16) == 'einsum'  # this is a CPU
   with pytest.raises(ConfigError, match="attention='flash'; allowed: auto, einsum, xla, cudnn"):
     layers.attention_implementation('flash', jnp.float32)
+
+
+@pytest.mark.parametrize('transpose_b', [False, True])
+@pytest.mark.parametrize('batch', [(), (2, 3)])
+def test_half_matmul_takes_its_gradient_products_in_bfloat16(batch, transpose_b):
+  """On a CPU, a bf16 matmul returns float32, and its gradient is the two products of the
+  bf16-rounded cotangent with the bf16 operands, accumulated in float32 and returned in the
+  operands' own dtype (float32 here, as parameters are)."""
+  M, K, N = 5, 7, 6
+  a = jax.random.normal(jax.random.key(0), (*batch, M, K))
+  b = jax.random.normal(jax.random.key(1), (*batch, N, K) if transpose_b else (*batch, K, N))
+  g = jax.random.normal(jax.random.key(2), (*batch, M, N))
+  out, vjp = jax.vjp(lambda a, b: layers.matmul(a, b, jnp.bfloat16, transpose_b), a, b)
+  da, db = vjp(g)
+  half = lambda x: np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  bt = np.swapaxes(half(b), -1, -2) if transpose_b else half(b)
+  np.testing.assert_allclose(out, half(a) @ bt, rtol=1e-5, atol=1e-5)
+  assert out.dtype == da.dtype == db.dtype == jnp.float32
+  np.testing.assert_allclose(da, half(g) @ np.swapaxes(bt, -1, -2), rtol=1e-5, atol=1e-5)
+  db_expected = np.swapaxes(half(a), -1, -2) @ half(g)
+  if transpose_b:
+    db_expected = np.swapaxes(db_expected, -1, -2)
+  np.testing.assert_allclose(db, db_expected, rtol=1e-5, atol=1e-5)
+  # A NaN cotangent leaves the gradient non-finite (the materialised transpose's branch).
+  assert not np.isfinite(vjp(g.at[(0,) * g.ndim].set(jnp.nan))[1]).all()
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+  """The element types of every dot's two operands in an optimised HLO module's text."""
+  types = dict(re.findall(r'%([\w.-]+) = (\w+)\[', hlo))
+  return [
+    (types[lhs], types[rhs]) for lhs, rhs in re.findall(r' dot\(%([\w.-]+), %([\w.-]+)\)', hlo)
+  ]
+
+
+@pytest.mark.parametrize('name', ['transformer', 'conv'])
+def test_bfloat16_training_runs_every_product_in_bfloat16_on_a_cpu(name):
+  """XLA:CPU upcasts a bf16 product it cannot give its bf16 kernels (a transposed left
+  operand, a float32 cotangent) to float32: none may be left in a bf16 train step, forward
+  or backward, attention included."""
+  sizes = {
+    'transformer': dict(num_layers=2, num_heads=2, d_model=16, max_len=24, tie_embeddings=True),
+    'conv': dict(channels=16, layers_per_block=2, skip_channels=16, head_channels=16),
+  }
+  fields = dict(name=name, dtype='bfloat16', **sizes[name])
+  model = models.get_model(ml_collections.ConfigDict(fields), V)
+  tokens = jax.random.randint(jax.random.key(0), (3, 12), 0, V)
+  params = nn.unbox(model.init(jax.random.key(1), tokens)['params'])
+  loss = lambda p: (model.apply({'params': p}, tokens) ** 2).sum()  # a cotangent XLA cannot fold
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  dtypes = _dot_operand_dtypes(hlo)
+  assert len(dtypes) >= 3 * (2 if name == 'conv' else 6)  # forward and two gradient products
+  assert set(dtypes) == {('bf16', 'bf16')}, dtypes

@@ -108,7 +108,7 @@ class Dense(nn.Module):
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[self.in_dims :]), self.features)
-      y = y + bias.astype(dtype)
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -134,19 +134,97 @@ def accumulation(dtype) -> jnp.dtype:
   return jnp.promote_types(jnp.float32, dtype)
 
 
-def matmul(a, b, dtype):
-  """a @ b with operands in the compute dtype, returned in it: the accumulation is float32
-  (or wider) on every platform.
+def activation_dtype(dtype) -> jnp.dtype:
+  """The dtype activations are kept in between matmuls, under compute dtype `dtype`.
 
-  On a CPU the product is asked for in float32 and then cast: XLA:CPU runs bf16 x bf16 ->
-  float32 on the AMX units, and a bf16 result takes a slower path than float32 itself. On
-  GPUs and TPUs it is not: a float32 result makes the backward pass's matmuls float32 (its
-  cotangent is float32), which on an H200 made GPT-2's backward 1.5x slower.
+  On GPUs and TPUs, `dtype` itself: half-precision activations halve the memory traffic the
+  elementwise work is bound by, and keep the backward pass's matmuls in half precision (a
+  float32 cotangent made GPT-2's backward 1.5x slower on an H200).
+  On a CPU, float32 (at least): `dtype` is the matmul operands' alone, cast as they enter.
+  XLA:CPU runs bf16 x bf16 -> float32 matmuls on the AMX units, several times faster than
+  float32 ones, but a CPU's vector units run elementwise bf16 no faster than float32, and
+  each conversion is one more pass: the nanogpt_cpu GPT trained slower in bf16 than float32
+  with bf16 activations.
   """
-  a, b = a.astype(dtype), b.astype(dtype)
+  if jax.default_backend() == 'cpu':
+    return accumulation(dtype)
+  return jnp.dtype(dtype)
+
+
+def matmul(a, b, dtype, transpose_b: bool = False, out_dtype=None):
+  """a @ b, or a @ b^T with transpose_b (b's last two axes swapped), batched over any leading
+  axes both share: operands in the compute dtype, accumulated in float32 (or wider) on every
+  platform, returned in out_dtype (default activation_dtype(dtype))."""
+  dtype = jnp.dtype(dtype)
+  out_dtype = jnp.dtype(out_dtype or activation_dtype(dtype))
+  if out_dtype == dtype:  # a half-precision result keeps the gradient's products in it
+    return _dot(a.astype(dtype), b.astype(dtype), transpose_b, dtype)
+  check(out_dtype == accumulation(dtype), f'a matmul of {dtype} operands to {out_dtype}')
+  return _half_matmul(dtype, transpose_b, a, b)
+
+
+def _dot(a, b, transpose_b: bool, out_dtype=None):
+  """The product as one dot_general with its contracting axes named, accumulated in float32
+  (or wider) and returned in out_dtype (default that). Written as a transpose and a matmul,
+  XLA:CPU lays the transpose out as a column-major view, which its bf16 matmul kernels
+  (YNNPACK's) do not take."""
+  batch = tuple(range(a.ndim - 2))
+  contract = ((a.ndim - 1,), (b.ndim - (1 if transpose_b else 2),))
+  out_dtype = out_dtype or accumulation(a.dtype)
+  return jax.lax.dot_general(a, b, (contract, (batch, batch)), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _half_matmul(dtype, transpose_b, a, b):
+  """matmul where the result is wider than the operands (half precision on a CPU). The
+  gradient's two products take the cotangent in `dtype` too: autodiff would pair the float32
+  cotangent with a widened operand, a float32 product off the CPU's bf16 units."""
+  return _half_matmul_fwd(dtype, transpose_b, a, b)[0]
+
+
+def _half_matmul_fwd(dtype, transpose_b, a, b):
+  a_half, b_half = a.astype(dtype), b.astype(dtype)
+  # Zero-size stand-ins carry the operands' own dtypes (float32 parameters get float32
+  # gradients) to the backward pass.
+  dtypes = (jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
+  return _dot(a_half, b_half, transpose_b), (a_half, b_half, *dtypes)
+
+
+def _half_matmul_bwd(dtype, transpose_b, residuals, g):
+  a, b, a_like, b_like = residuals
+  g = g.astype(dtype)
+  if transpose_b:  # out = a b^T: da = g b, db = g^T a
+    da, db = _dot(g, b, False), _dot(_transposed(g, g), a, False)
+  else:  # out = a b: da = g b^T, db = a^T g
+    da, db = _dot(g, b, True), _dot(_transposed(a, g), g, False)
+  return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
+
+
+def _transposed(x, g):
+  """x^T over its last two axes, materialised (see swapped); g is the cotangent."""
+  return swapped(x, -1, -2, witness=g)
+
+
+def swapped(x, axis1: int, axis2: int, witness=None):
+  """jnp.swapaxes(x, axis1, axis2), materialised in row-major order on a CPU.
+
+  XLA:CPU's bf16 matmul kernels (YNNPACK's) take operands in row-major layout only, summed
+  over the left one's last axis; XLA lays a plain transpose out as a column-major view where
+  it can, and the product then runs upcast to float32, at a quarter of the speed (a weight's
+  gradient x^T g, attention's products over heads). Computed inside a conditional, the
+  transpose is materialised. The predicate has to be one XLA cannot decide while compiling:
+  the first element of `witness` (default x) is not NaN; when it is, the result is NaN in
+  every element rather than in some.
+  """
   if jax.default_backend() != 'cpu':
-    return jnp.matmul(a, b)
-  return jnp.matmul(a, b, preferred_element_type=accumulation(dtype)).astype(dtype)
+    return jnp.swapaxes(x, axis1, axis2)
+  first = (x if witness is None else witness).reshape(-1)[0]
+  nan = jnp.full(jnp.swapaxes(x, axis1, axis2).shape, jnp.nan, x.dtype)
+  swap = lambda x: jnp.swapaxes(x, axis1, axis2)
+  return jax.lax.cond(first == first, swap, lambda x: nan, x)
 
 
 def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
@@ -205,13 +283,14 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation: str, is_causal: boo
 def attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, dropout):
   """attend() written out, with `dropout` on the attention weights (which the fused kernels
   do not take): scores and softmax in float32 whatever the compute dtype."""
-  f32 = accumulation(q_BTHK.dtype)
-  scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK, preferred_element_type=f32)
+  dtype, f32 = q_BTHK.dtype, accumulation(q_BTHK.dtype)
+  q_BHTK, k_BHSK, v_BHSK = (swapped(x.astype(dtype), 1, 2) for x in (q_BTHK, k_BSHK, v_BSHK))
+  scores_BHTS = matmul(q_BHTK, k_BHSK, dtype, transpose_b=True, out_dtype=f32)
   scores_BHTS = scores_BHTS / jnp.sqrt(jnp.asarray(q_BTHK.shape[-1], f32))
   scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, -jnp.inf)
-  probs_BHTS = dropout(jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHK.dtype))
-  out_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS, v_BSHK, preferred_element_type=f32)
-  return out_BTHK.astype(v_BSHK.dtype)
+  probs_BHTS = dropout(jax.nn.softmax(scores_BHTS, axis=-1))
+  out_BHTK = matmul(probs_BHTS, v_BHSK, dtype, out_dtype=f32)
+  return swapped(out_BHTK, 1, 2).astype(activation_dtype(dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -263,7 +342,7 @@ class CausalSelfAttention(nn.Module):
       v_BSHK = jax.lax.dynamic_update_slice(cache['v'], v_BTHK.astype(cache['v'].dtype), start)
       mask_BTS = (jnp.arange(k_BSHK.shape[1])[None, :] <= positions[:, None])[None]
       new_cache = {'k': k_BSHK, 'v': v_BSHK}
-    k_BSHK, v_BSHK = k_BSHK.astype(self.dtype), v_BSHK.astype(self.dtype)
+    q_BTHK, k_BSHK, v_BSHK = (a.astype(self.dtype) for a in (q_BTHK, k_BSHK, v_BSHK))
 
     training_dropout = self.dropout and not self.deterministic
     if training_dropout or self.implementation == 'einsum':

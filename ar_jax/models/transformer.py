@@ -88,6 +88,7 @@ class Block(nn.Module):
   def __call__(self, x_BTD, cache, positions, segment_ids_BT):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    act = layers.activation_dtype(dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     # GPT-2: projections into the residual stream start smaller, so its variance does not
     # grow with depth.
@@ -102,7 +103,7 @@ class Block(nn.Module):
       dtype=dtype,
       implementation=layers.attention_implementation(cfg.attention, dtype),
       name='attn',
-    )(layers.layer_norm(dtype, cfg.use_bias, 'ln_attn')(x_BTD), positions, cache, segment_ids_BT)
+    )(layers.layer_norm(act, cfg.use_bias, 'ln_attn')(x_BTD), positions, cache, segment_ids_BT)
     x_BTD = x_BTD + drop(h_BTD)
     mlp_in = layers.Dense(
       (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_in'
@@ -115,7 +116,7 @@ class Block(nn.Module):
       dtype=dtype,
       name='mlp_out',
     )
-    ln_mlp = layers.layer_norm(dtype, cfg.use_bias, 'ln_mlp')
+    ln_mlp = layers.layer_norm(act, cfg.use_bias, 'ln_mlp')
     # GELU's tanh form: XLA:CPU runs the whole train step 13% slower with the erf form.
     h_BTD = mlp_out(nn.gelu(mlp_in(ln_mlp(x_BTD)), approximate=True))
     x_BTD = x_BTD + drop(h_BTD)
@@ -159,7 +160,7 @@ class Model(nn.Module):
       self.blocks = [
         block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)
       ]
-    self.ln_out = layers.layer_norm(jnp.dtype(cfg.dtype), cfg.use_bias)
+    self.ln_out = layers.layer_norm(layers.activation_dtype(cfg.dtype), cfg.use_bias)
     if not cfg.tie_embeddings:
       self.head = layers.Dense(
         (cfg.vocab_size,),
@@ -187,7 +188,7 @@ class Model(nn.Module):
   def _forward(self, tokens_BT, positions, layer_caches, x_BTD=None, segment_ids_BT=None):
     cfg = self.config
     x_BTD = self._embed(tokens_BT, positions) if x_BTD is None else x_BTD
-    x_BTD = self.dropout(x_BTD).astype(jnp.dtype(cfg.dtype))
+    x_BTD = self.dropout(x_BTD).astype(layers.activation_dtype(cfg.dtype))
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     if cfg.scan_layers:
       x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions, segment_ids_BT)
@@ -199,7 +200,8 @@ class Model(nn.Module):
         new_caches.append(cache)
     x_BTD = self.ln_out(x_BTD)
     if cfg.tie_embeddings:
-      logits_BTV = x_BTD.reshape(-1, cfg.d_model) @ self.token_embed.embedding.T.astype(x_BTD.dtype)
+      embedding_VD = self.token_embed.embedding
+      logits_BTV = layers.matmul(x_BTD.reshape(-1, cfg.d_model), embedding_VD, cfg.dtype, True)
       logits_BTV = logits_BTV.reshape(*x_BTD.shape[:2], cfg.vocab_size)
     else:
       logits_BTV = self.head(x_BTD)
