@@ -27,18 +27,21 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops(device: jax.Device) -> tuple[float, str]:
+def peak_flops(device: jax.Device, dtype: str = 'float32') -> tuple[float, str]:
   """(peak FLOP/s, where the figure comes from) for one device: the data sheet's, or for a
-  device without one (CPUs) a float32 matmul's rate, measured once per machine and cached.
-  Every process of a run gets process 0's figure, so their MFUs are comparable."""
+  device without one (CPUs) the rate of a matmul of `dtype` operands, measured once per
+  machine and dtype and cached (a CPU's bf16 matrix units run several times its float32
+  rate). Every process of a run gets process 0's figure, so their MFUs are comparable."""
   for kind, flops in PEAK_FLOPS:
     if kind.lower() in device.device_kind.lower():
       return flops, f'{kind} bf16 data sheet'
   machine = f'{device.device_kind}: {_processor()}, {os.cpu_count()} cores'
+  if dtype != 'float32':
+    machine = f'{machine}, {dtype}'
   path = os.path.join(CACHE_DIR, 'peak_flops.json')
   cached = _read_json(path)
   if machine not in cached:
-    cached[machine] = measured_matmul_flops()
+    cached[machine] = measured_matmul_flops(dtype)
     os.makedirs(CACHE_DIR, exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'  # concurrent runs on one machine each write whole
     with open(tmp, 'w') as f:
@@ -47,7 +50,7 @@ def peak_flops(device: jax.Device) -> tuple[float, str]:
   peak = cached[machine]
   if jax.process_count() > 1:
     peak = float(multihost_utils.broadcast_one_to_all(np.float64(peak)))
-  return peak, f'measured f32 matmul on {machine}, cached in {path}'
+  return peak, f'measured matmul on {machine}, cached in {path}'
 
 
 def _processor() -> str:
@@ -66,10 +69,12 @@ def _read_json(path: str) -> dict:
     return {}
 
 
-def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-  """The rate this device reaches on a large float32 matmul: the fallback peak (CPUs)."""
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
+def measured_matmul_flops(dtype: str = 'float32', n: int = 1024, repeats: int = 10) -> float:
+  """The rate this device reaches on a large matmul of `dtype` operands, accumulated in
+  float32 (or wider): the fallback peak (CPUs)."""
+  a = jnp.ones((n, n), dtype)
+  wide = jnp.promote_types(jnp.float32, dtype)
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=wide))
   matmul(a).block_until_ready()
   times = []
   for _ in range(repeats):

@@ -49,7 +49,7 @@ class Progress:
     self.lr = optim.schedule(cfg.optim, cfg.num_train_steps)
     self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
     self.flops_per_token = 3 * run.model.flops_per_token(cfg.data.seq_len)
-    self.peak, peak_source = flops.peak_flops(jax.devices()[0])
+    self.peak, peak_source = flops.peak_flops(jax.devices()[0], cfg.model.get('dtype', 'float32'))
     log.info(
       '%s: %.2fM parameters, %.2f MFLOP per token (training), peak %.3g TFLOP/s per device (%s)',
       cfg.model.name,

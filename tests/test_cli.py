@@ -190,11 +190,15 @@ def test_a_measured_peak_is_measured_once_per_machine_and_cached(tmp_path, monke
   """MFU on a CPU divides by a measured matmul rate: measured once, so runs compare."""
   monkeypatch.setattr(flops, 'CACHE_DIR', str(tmp_path))
   measured = []
-  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda: measured.append(1) or 7e9)
+  rates = {'float32': 7e9, 'bfloat16': 20e9}
+  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda d: measured.append(d) or rates[d])
   first, source = flops.peak_flops(jax.devices()[0])
-  assert (first, len(measured)) == (7e9, 1) and str(tmp_path) in source
-  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda: 1 / 0)
+  assert (first, measured) == (7e9, ['float32']) and str(tmp_path) in source
+  # A bf16 run's MFU divides by the bf16 rate, measured once too.
+  assert flops.peak_flops(jax.devices()[0], 'bfloat16')[0] == 20e9
+  monkeypatch.setattr(flops, 'measured_matmul_flops', lambda d: 1 / 0)
   assert flops.peak_flops(jax.devices()[0])[0] == 7e9
+  assert flops.peak_flops(jax.devices()[0], 'bfloat16')[0] == 20e9
 
 
 def test_the_console_keeps_ar_jax_info_by_logger_name_not_by_path():
