@@ -16,8 +16,9 @@ against its own float32.
 
 End to end: the nanogpt_cpu recipe on tiny shakespeare (--text, char-rnn's input.txt),
 start-up, compiles, 2,000 steps, its exact full-split evaluations, checkpoints and final
-sample included, as `python -m ar_jax.main` against a PyTorch script doing the same work
-(`--torch_recipe`), each in a fresh process.
+sample included, as `python -m ar_jax.main` (float32, then model.dtype=bfloat16) against a
+PyTorch script doing the same work (`--torch_recipe`), each in a fresh process, ar_jax's
+with an empty compilation cache.
 
 --tiny runs the ar_jax half alone at small shapes, in seconds (the test suite runs it, so
 this script cannot rot without a failing test).
@@ -77,29 +78,38 @@ def throughput(text: str, repeats: int, tiny: bool) -> None:
 
 
 def end_to_end(text: str) -> None:
-  """Wall seconds of the nanogpt_cpu recipe: ar_jax's CLI against the PyTorch script."""
+  """Wall seconds of the nanogpt_cpu recipe: the PyTorch script, then ar_jax's CLI in float32
+  and in bfloat16, each in a fresh process with an empty compilation cache."""
   if not os.path.exists(text):
     print(f'end to end: skipped, no {text}')
     return
-  ours_dir, theirs_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
   ours = [
     sys.executable,
     '-m',
     'ar_jax.main',
     f'--config=experiments/shakespeare_char.py:preset=nanogpt_cpu,text={text}',
-    f'--workdir={ours_dir}',
     '--config.model.pos_encoding=learned',
   ]
-  theirs = [sys.executable, __file__, '--torch_recipe', f'--text={text}', f'--workdir={theirs_dir}']
+  runs = {
+    'PyTorch': [sys.executable, __file__, '--torch_recipe', f'--text={text}'],
+    'ar_jax': ours,
+    'ar_jax bf16': [*ours, '--config.model.dtype=bfloat16'],
+  }
   results = {}
-  for name, command in (('PyTorch', theirs), ('ar_jax', ours)):
+  for name, command in runs.items():
+    workdir = tempfile.mkdtemp()
+    env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': tempfile.mkdtemp()}  # a first run's
     start = time.perf_counter()
-    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+      [*command, f'--workdir={workdir}'], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+      raise RuntimeError(f'{name} failed:\n{out.stderr[-3000:]}')
     results[name] = (time.perf_counter() - start, out.stdout.strip().splitlines()[-1])
   print('end to end, nanogpt_cpu recipe (2,000 steps, exact evaluations every 500, sample):')
   for name, (seconds, last) in results.items():
-    print(f'  {name:8s} {seconds:6.1f} s   {last}')
-  print(f'  wall ratio PyTorch / ar_jax: {results["PyTorch"][0] / results["ar_jax"][0]:.2f}x')
+    ratio = results['PyTorch'][0] / seconds
+    print(f'  {name:12s} {seconds:6.1f} s  PyTorch / this {ratio:4.2f}x   {last[:60]}')
 
 
 def bench():
