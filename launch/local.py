@@ -42,11 +42,12 @@ def launch(
   os.makedirs(log_dir, exist_ok=True)
   logs = [os.path.join(log_dir, f'process_{i}.log') for i in range(num_processes)]
   logging.info('every process logs to %s', os.path.join(log_dir, 'process_N.log'))
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',
-  }
+  # The caller's XLA flags are kept; only the device count is this launcher's.
+  flags = [
+    f for f in os.environ.get('XLA_FLAGS', '').split() if 'host_platform_device_count' not in f
+  ]
+  flags.append(f'--xla_force_host_platform_device_count={devices_per_process}')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
   procs = [
     subprocess.Popen(
       [

@@ -34,6 +34,16 @@ def start(args, **kwargs) -> subprocess.Popen:
   return proc
 
 
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+  """This environment for a test's subprocess on `devices` CPU devices (one, as users run):
+  the test run's other XLA flags kept (conftest's optimisation level)."""
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
+  if devices > 1:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+
+
 def run(args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
   """subprocess.run(args, capture_output=True, text=True) through start(); at the timeout
   the whole process group is killed, not its first process alone."""

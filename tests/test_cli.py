@@ -34,7 +34,7 @@ SHRINK = [
 
 
 def ar_jax(module, *args, check=True):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
+  env = helpers.subprocess_env()  # one device
   out = helpers.run(
     [sys.executable, '-m', f'ar_jax.{module}', *args], cwd=REPO, env=env, timeout=300
   )

@@ -105,7 +105,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
 
 def cli(*args, processes=1, devices=4, timeout=240, logs=None):
   command = [sys.executable, '-m', 'ar_jax.main', *args]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = helpers.subprocess_env(1 if processes > 1 else devices)
   if processes > 1:
     command = [
       sys.executable,
@@ -117,8 +117,6 @@ def cli(*args, processes=1, devices=4, timeout=240, logs=None):
       '--',
       *command,
     ]
-  else:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return helpers.run(command, cwd=REPO, env=env, timeout=timeout)
 
 
@@ -176,7 +174,7 @@ def test_a_dead_process_stops_the_others(text_file, tmp_path):
     '--config.mesh.data=-1',
     f'--workdir={tmp_path}',
   ]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = helpers.subprocess_env()
   launcher = helpers.start(
     command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
@@ -237,7 +235,7 @@ def test_a_model_trained_with_fsdp_samples_the_same_on_one_device_and_on_eight(t
   assert not embedding.sharding.is_fully_replicated
   greedy = {}
   for devices in (1, 8):
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    env = helpers.subprocess_env(devices)
     out = helpers.run(
       [sys.executable, '-m', 'ar_jax.sample', f'--workdir={tmp_path}', '--prompt=the ']
       + ['--temperature=0', '--max_new_tokens=12'],

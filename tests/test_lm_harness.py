@@ -287,7 +287,7 @@ def test_without_lm_eval_the_command_names_the_extra(tmp_path):
   fake = tmp_path / 'lm_eval'
   fake.mkdir()
   (fake / '__init__.py').write_text("raise ImportError('No module named lm_eval')\n")
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | {'PYTHONPATH': str(tmp_path)}
+  env = helpers.subprocess_env() | {'PYTHONPATH': str(tmp_path)}
   out = helpers.run(
     [sys.executable, '-m', 'ar_jax.lm_harness', '--workdir=x', '--tasks=y'],
     cwd=REPO,

@@ -42,7 +42,7 @@ def cluster(tmp_path):
     stderr=subprocess.STDOUT,
   )
   # sbatch passes this environment on to the jobs: one CPU device per process, as a user's.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = helpers.subprocess_env()
   env['SLURM_CONF'] = str(folder / 'slurm.conf')
   deadline = time.monotonic() + 60
   while slurm(env, 'sinfo', '-h', '-o', '%t', check=False).stdout.strip() != 'idle':

@@ -3,7 +3,6 @@ killed when its test ends, and readers of what a run leaves in its workdir."""
 
 import contextlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -31,7 +30,7 @@ def sample_command(workdir, *flags):
 
 
 def env():
-  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as users run
+  return helpers.subprocess_env()  # one device, as users run
 
 
 def run_command(args, check=True):
