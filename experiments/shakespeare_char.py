@@ -4,10 +4,12 @@
       --workdir=workdirs/shakespeare_cpu
 
 Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups: sizes, batch,
-steps, schedule) and model=transformer|rnn|lstm|gru|conv|wavenet (rnn is the Elman RNN; the
-recurrent models are char-rnn-like: 2 layers of 512, trained statefully on consecutive
-windows; conv is a plain causal-conv stack seeing 33 characters, wavenet a dilated gated
-one whose receptive field is about twice the preset's window).
+steps, schedule) and model=transformer|rnn|lstm|gru|mingru|minlstm|conv|wavenet (rnn is the
+Elman RNN; the recurrent models are char-rnn-like: 2 layers of 512, trained statefully on
+consecutive windows; mingru and minlstm are the transformer's stack, depth and width, with
+the parallel-scan recurrence in place of attention; conv is a plain causal-conv stack
+seeing 33 characters, wavenet a dilated gated one whose receptive field is about twice the
+preset's window).
 Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
 validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
 Or text=PATH: the same corpus as a text file (char-rnn's input.txt), split 90/10 by position
@@ -19,7 +21,7 @@ from ar_jax.config import defaults, parse_arg
 
 CHOICES = {
   'preset': ('nanogpt_cpu', 'nanogpt_gpu'),
-  'model': ('transformer', 'rnn', 'lstm', 'gru', 'conv', 'wavenet'),
+  'model': ('transformer', 'rnn', 'lstm', 'gru', 'mingru', 'minlstm', 'conv', 'wavenet'),
   'text': None,  # a path: read the corpus from this text file instead of TFDS
 }
 CELLS = {'rnn': 'elman', 'lstm': 'lstm', 'gru': 'gru'}
@@ -76,6 +78,8 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 1000  # minutes apart on one GPU
   if args['model'] in CELLS:
     recurrent(c, CELLS[args['model']])
+  elif args['model'] in ('mingru', 'minlstm'):
+    minimal_recurrent(c, args['model'])
   elif args['model'] in ('conv', 'wavenet'):
     convolutional(c, wavenet=args['model'] == 'wavenet')
   return c
@@ -95,6 +99,15 @@ def recurrent(c, cell: str) -> None:
   c.optim.learning_rate = 2e-3  # char-rnn's; recurrent nets take a higher rate than GPTs
   c.optim.min_learning_rate = 2e-4
   c.optim.weight_decay = 0.0  # char-rnn regularizes with dropout only
+
+
+def minimal_recurrent(c, cell: str) -> None:
+  """minGRU or minLSTM blocks in place of the transformer's, at its depth and width."""
+  transformer = c.model
+  c.model = models.default_config('minrnn')
+  c.model.cell = cell
+  for name in ('num_layers', 'd_model', 'dropout', 'dtype'):
+    c.model[name] = transformer[name]
 
 
 def convolutional(c, wavenet: bool) -> None:
