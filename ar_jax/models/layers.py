@@ -194,18 +194,13 @@ def _half_matmul_bwd(dtype, transpose_b, residuals, g):
   a, b, a_like, b_like = residuals
   g = g.astype(dtype)
   if transpose_b:  # out = a b^T: da = g b, db = g^T a
-    da, db = _dot(g, b, False), _dot(_transposed(g, g), a, False)
+    da, db = _dot(g, b, False), _dot(swapped(g, -1, -2), a, False)
   else:  # out = a b: da = g b^T, db = a^T g
-    da, db = _dot(g, b, True), _dot(_transposed(a, g), g, False)
+    da, db = _dot(g, b, True), _dot(swapped(a, -1, -2, witness=g), g, False)
   return da.astype(a_like.dtype), db.astype(b_like.dtype)
 
 
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
-
-
-def _transposed(x, g):
-  """x^T over its last two axes, materialised (see swapped); g is the cotangent."""
-  return swapped(x, -1, -2, witness=g)
 
 
 def swapped(x, axis1: int, axis2: int, witness=None):
