@@ -50,7 +50,7 @@ def test_sinusoidal_is_the_papers_formula():
     (dict(d_model=0), 'model.d_model must be positive, got 0'),
     (dict(remat='some'), "model.remat='some'"),
     (dict(depth=3), "model 'transformer' has no field"),
-    (dict(name='mamba'), f"unknown model.name='mamba'; available: {', '.join(models.available())}"),
+    (dict(name='hyena'), f"unknown model.name='hyena'; available: {', '.join(models.available())}"),
   ],
 )
 def test_bad_model_configs_are_named(fields, message):

@@ -19,7 +19,7 @@ from ar_jax import sharding
 from ar_jax.errors import ConfigError
 from ar_jax.models import contract
 
-_NOT_MODELS = frozenset({'cells', 'contract', 'layers'})  # modules shared by families
+_NOT_MODELS = frozenset({'cells', 'contract', 'layers', 'recurrence'})  # modules shared by families
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 

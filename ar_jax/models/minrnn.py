@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers
+from ar_jax.models import layers, recurrence
 
 CELLS = {'mingru': 2, 'minlstm': 3}  # cell -> gate vectors per step (G)
 
@@ -109,21 +109,20 @@ def _compose(first, second):
   return a1 + a2, m + jnp.log(jnp.exp(x - m) + jnp.exp(b2 - m))
 
 
-def _affine(first, second):
-  """x -> a x + b, then x -> a' x + b': x -> a a' x + (a' b + b')."""
-  (a1, b1), (a2, b2) = first, second
-  return a1 * a2, a2 * b1 + b2
+def linear_scan(log_a_BTE, log_b_BTE, h0_BE):
+  """h_t = a_t h_{t-1} + b_t for every t from h0, by the log-space associative scan, in
+  float32 (at least) whatever the inputs' dtype.
+
+  Its gradient is the linear recurrence's (recurrence.affine_scan_grad: one more scan, in
+  linear space, as g has either sign and with a <= 1 cannot overflow), times a and b for
+  their logarithms. Autodiff through the scan's tree of log-sum-exps gives the same values
+  (tested), but XLA took half as long again to compile that under a sharded mesh."""
+  dtype = layers.accumulation(jnp.result_type(log_a_BTE, log_b_BTE, h0_BE))
+  return _linear_scan(log_a_BTE.astype(dtype), log_b_BTE.astype(dtype), h0_BE.astype(dtype))
 
 
 @jax.custom_vjp
-def linear_scan(log_a_BTE, log_b_BTE, h0_BE):
-  """h_t = a_t h_{t-1} + b_t for every t from h0, by the log-space associative scan.
-
-  Its gradient is the same recurrence backwards in time, g_t = dL/dh_t + a_{t+1} g_{t+1}
-  (one more scan, in linear space: g has either sign, and with a <= 1 it cannot overflow),
-  then d log b_t = g_t b_t and d log a_t = g_t a_t h_{t-1}. Autodiff through the scan's tree
-  of log-sum-exps gives the same values (tested), but XLA took half as long again to compile
-  that under a sharded mesh."""
+def _linear_scan(log_a_BTE, log_b_BTE, h0_BE):
   return _scan_forward(log_a_BTE, log_b_BTE, h0_BE)[0]
 
 
@@ -136,13 +135,11 @@ def _scan_forward(log_a_BTE, log_b_BTE, h0_BE):
 def _scan_backward(residuals, dh_BTE):
   log_a_BTE, log_b_BTE, h0_BE, h_BTE = residuals
   a_BTE = jnp.exp(log_a_BTE)  # 0 at a document start: nothing flows back across it
-  a_next_BTE = jnp.concatenate([a_BTE[:, 1:], jnp.zeros_like(a_BTE[:, :1])], axis=1)
-  _, g_BTE = jax.lax.associative_scan(_affine, (a_next_BTE, dh_BTE), axis=1, reverse=True)
-  h_prev_BTE = jnp.concatenate([h0_BE[:, None], h_BTE[:, :-1]], axis=1)
-  return g_BTE * a_BTE * h_prev_BTE, g_BTE * jnp.exp(log_b_BTE), g_BTE[:, 0] * a_BTE[:, 0]
+  da_BTE, db_BTE, dh0_BE = recurrence.affine_scan_grad(a_BTE, h0_BE, h_BTE, dh_BTE)
+  return da_BTE * a_BTE, db_BTE * jnp.exp(log_b_BTE), dh0_BE
 
 
-linear_scan.defvjp(_scan_forward, _scan_backward)
+_linear_scan.defvjp(_scan_forward, _scan_backward)
 
 
 class Block(nn.Module):
@@ -179,74 +176,15 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), h_BTE[:, -1]
 
 
-class Model(nn.Module):
+class Model(recurrence.ResidualStack):
   """Embedding -> residual minGRU/minLSTM blocks -> LayerNorm -> logits. The cache is each
   layer's state h, [B, E]."""
 
-  config: Config
-  deterministic: bool = True
+  BLOCK = Block
 
-  def setup(self):
+  def layer_cache(self, batch_size: int) -> jax.Array:
+    return jnp.zeros((batch_size, self.config.d_state), jnp.float32)
+
+  def layer_flops(self) -> int:
     cfg = self.config
-    self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
-    block = layers.remat(Block, cfg.remat)
-    self.blocks = [block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)]
-    self.ln_out = layers.layer_norm(layers.activation_dtype(cfg.dtype))
-    self.head = layers.Dense(
-      (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False, dtype=jnp.dtype(cfg.dtype)
-    )
-    self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-
-  def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    del segment_ids_BT  # a token's embedding does not depend on its document
-    return self.token_embed(tokens_BT)
-
-  def _run(self, tokens_BT, cache, embeddings_BTE, keep_BT):
-    x_BTD = self.embed(tokens_BT) if embeddings_BTE is None else embeddings_BTE
-    x_BTD = self.drop(x_BTD).astype(layers.activation_dtype(self.config.dtype))
-    new_cache = []
-    for block, h0_BE in zip(self.blocks, cache, strict=True):
-      x_BTD, h_BE = block(x_BTD, h0_BE, keep_BT)
-      new_cache.append(h_BE.astype(h0_BE.dtype))
-    logits_BTV = self.head(self.ln_out(x_BTD))
-    return logits_BTV.astype(jnp.float32), tuple(new_cache)
-
-  def step(self, tokens_BT: jax.Array, cache: tuple, embeddings_BTE: jax.Array | None = None):
-    """T new tokens from the cached states: (logits_BTV, the states after them). The state
-    restarts at eos, which begins the next document."""
-    eos_id = self.config.eos_id
-    keep_BT = jnp.ones(tokens_BT.shape, bool) if eos_id is None else tokens_BT != eos_id
-    return self._run(tokens_BT, cache, embeddings_BTE, keep_BT)
-
-  def __call__(
-    self,
-    tokens_BT: jax.Array,
-    embeddings_BTE: jax.Array | None = None,
-    segment_ids_BT: jax.Array | None = None,
-  ) -> jax.Array:
-    """Teacher forcing from a zero state; given segment_ids_BT, the state restarts where
-    each document starts."""
-    cache = self.init_cache(tokens_BT.shape[0], 0)
-    if segment_ids_BT is None:
-      return self.step(tokens_BT, cache, embeddings_BTE)[0]
-    keep_BT = ~layers.segment_starts(segment_ids_BT)
-    return self._run(tokens_BT, cache, embeddings_BTE, keep_BT)[0]
-
-  def init_cache(self, batch_size: int, max_len: int = 0) -> tuple:
-    """Zero states; the length does not matter to a recurrence."""
-    del max_len
-    zeros = jnp.zeros((batch_size, self.config.d_state), jnp.float32)
-    return tuple(zeros for _ in range(self.config.num_layers))
-
-  max_len = 0  # no positions: any length
-  cache_batch_axis = 0
-  sequential = False  # teacher forcing is parallel over time: feeding samples back is not
-
-  def flops_per_token(self, seq_len: int) -> float:
-    """Forward matmul FLOPs per token. The scan's elementwise work is not counted, as no
-    family counts its elementwise work: about 5% of XLA's count at d_model 512."""
-    del seq_len
-    cfg = self.config
-    per_layer = 2 * cfg.d_model * (CELLS[cfg.cell] + 1) * cfg.d_state
-    per_layer += 2 * 2 * cfg.d_model * cfg.ff_width
-    return float(cfg.num_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size)
+    return 2 * cfg.d_model * (CELLS[cfg.cell] + 1) * cfg.d_state + 4 * cfg.d_model * cfg.ff_width
