@@ -44,6 +44,22 @@ def scaling_frontier(N, D, L, law: scaling.Law, path) -> pathlib.Path:
   return save(fig, path)
 
 
+def scaling_frontiers(laws: dict, path) -> pathlib.Path:
+  """Loss against compute 6ND, runs and compute-optimal frontier, of each family's
+  (N, D, L, law) in `laws`, on one plot."""
+  fig = figure()
+  ax = fig.add_subplot()
+  for i, (family, (N, D, L, law)) in enumerate(laws.items()):
+    C = scaling.compute_6nd(N, D)
+    grid = np.geomspace(C.min(), C.max(), 200)
+    color = style(i)['color']
+    ax.scatter(C, L, s=10, color=color, alpha=0.5)
+    ax.plot(grid, law.frontier(grid), '-', color=color, label=f'{family}: N* ~ C^{law.a:.3f}')
+  ax.set(xscale='log', xlabel='compute C = 6ND (FLOPs)', ylabel='loss')
+  ax.legend()
+  return save(fig, path)
+
+
 def isoflop_profiles(iso: scaling.IsoFlops, path) -> pathlib.Path:
   """Loss against N for each budget, its parabola in log N, and the parabola's minimum."""
   fig = figure()

@@ -1,6 +1,6 @@
-"""Model comparison: the Elman RNN, LSTM, GRU, minGRU, minLSTM, causal conv, WaveNet and the
-transformer on tiny shakespeare (characters), at matched parameter counts and at matched
-training FLOPs, 3 seeds each, ranked by validation bits per character.
+"""Model comparison: the Elman RNN, LSTM, GRU, minGRU, minLSTM, Hawk, Mamba, causal conv,
+WaveNet and the transformer on tiny shakespeare (characters), at matched parameter counts
+and at matched training FLOPs, 3 seeds each, ranked by validation bits per character.
 
   python -m launch.sweep --config=experiments/compare_families.py --root=studies/families
   python -m ar_jax.study --root=studies/families          # -> studies/families/report.md

@@ -1,9 +1,11 @@
 """Scaling study: a grid of model sizes by compute budgets on the embedded Python-source corpus
-(byte level, 28M training bytes: no run repeats data), for the transformer and the LSTM.
+(byte level, 28M training bytes: no run repeats data), for the transformer, the LSTM and
+Mamba, one family at a time or all three in one study.
 
   python -m launch.sweep --config=experiments/scaling.py:grid=small --root=studies/scaling_small
   python -m ar_jax.study --root=studies/scaling_small
   python -m launch.sweep --config=experiments/scaling.py:grid=full,family=lstm --root=...
+  python -m launch.sweep --config=experiments/scaling.py:grid=small,family=all --root=...
 
 Each compute budget C is spent by every size N with D = C / (6 N) training tokens (the IsoFLOP
 design of Hoffmann et al. 2022, Approach 2), each run with its own cosine schedule ending at
@@ -12,10 +14,13 @@ bootstrap intervals, the IsoFLOP parabolas and the compute-optimal N*(C), D*(C) 
 (ar_jax/scaling.py). N counts every parameter, embeddings included; C is recorded both as 6ND
 and exactly (the model's own FLOP count), each labelled.
 
-Arg keys: grid=small (minutes on a 2-core CPU) or full (about an hour), family=transformer or
-lstm (widths solved to the transformer's sizes), and size, budget (set by the sweep).
+Arg keys: grid=small (minutes on a 2-core CPU per family) or full (about an hour),
+family=transformer, lstm, mamba (widths solved to the transformer's sizes) or all (each run
+names its family; the report fits each family's law and sets their frontiers and exponents
+side by side), and size, budget (set by the sweep).
 """
 
+import itertools
 import warnings
 
 import numpy as np
@@ -45,9 +50,10 @@ GRIDS = {  # sizes x budgets (training FLOPs, 6ND)
 }
 MIN_STEPS = 60  # fewer steps than this is mostly warmup: such a (size, budget) is left out
 STEPS_PER_DISPATCH = 20  # small steps: the dispatch overhead matters on CPU
+FAMILIES = ('transformer', 'lstm', 'mamba')
 CHOICES = {
   'grid': tuple(GRIDS),
-  'family': ('transformer', 'lstm'),
+  'family': (*FAMILIES, 'all'),
   'size': tuple(SIZES),
   'budget': tuple(sorted({b for _, budgets in GRIDS.values() for b in budgets}, key=float)),
 }
@@ -61,13 +67,18 @@ def model_config(family: str, size: str):
   c.pos_encoding = 'rotary'
   c.use_bias = False
   c.tie_embeddings = True
+  if family == 'transformer':
+    return c
+  target = models.size(c, VOCAB, 64)[0]
   if family == 'lstm':  # one layer per two transformer layers, as wide as matches its size
-    target = models.size(c, VOCAB, 64)[0]
     c = models.default_config('rnn')
     c.cell = 'lstm'
     c.num_layers = max(1, layers // 2)
     c.d_embed = width
-    sizing.match_width(c, target, 0, VOCAB, 64)
+  else:  # Mamba: two blocks per transformer layer (a block has about half a layer's weights)
+    c = models.default_config('mamba')
+    c.num_layers = 2 * layers
+  sizing.match_width(c, target, 0, VOCAB, 64)
   return c
 
 
@@ -86,7 +97,8 @@ def get_config(arg: str | None = None):
   c.data.tokenizer = 'byte'
   c.data.seq_len = 64
   c.batch_size = TOKENS_PER_STEP // 64
-  c.model = model_config(args['family'], args['size'])
+  # family=all is the sweep's arg alone: each of its runs names its own family.
+  c.model = model_config(args['family'].replace('all', 'transformer'), args['size'])
   c.num_train_steps = steps(c.model, args['budget'])
   c.optim.learning_rate = 2e-3  # small models, short runs
   c.optim.min_learning_rate = 2e-4
@@ -103,10 +115,12 @@ def get_config(arg: str | None = None):
 def sweep(add, arg):
   args = parse_arg(arg, CHOICES)
   sizes, budgets = GRIDS[args['grid']]
-  for budget in budgets:
-    for size in sizes:
-      if steps(model_config(args['family'], size), budget) >= MIN_STEPS:
-        add(size=size, budget=budget)
+  every = args['family'] == 'all'
+  for family in FAMILIES if every else (args['family'],):
+    for budget in budgets:
+      for size in sizes:
+        if steps(model_config(family, size), budget) >= MIN_STEPS:
+          add(**({'family': family} if every else {}), size=size, budget=budget)
 
 
 def analyse(runs):
@@ -124,13 +138,59 @@ def analyse(runs):
 
 
 def report(runs, plots_dir):
+  """A family's law, or with family=all each family's and then their frontiers and
+  compute-optimal exponents side by side."""
+  by_family: dict[str, list] = {}
+  for r in runs:
+    by_family.setdefault(r.fields.get('family', ''), []).append(r)
+  analyses = {family: analyse(mine) for family, mine in by_family.items()}
+  sections = [family_report(family, a, plots_dir) for family, a in analyses.items()]
+  if len(analyses) > 1:
+    sections.append(comparison(analyses, plots_dir))
+  return '\n\n'.join(sections)
+
+
+def comparison(analyses, plots_dir):
+  """The families' loss-against-compute frontiers in one plot, and whether their
+  compute-optimal exponents differ beyond their 95% intervals (the intervals do not meet)."""
+  laws = {family: (N, D, L, fit.law) for family, (_, N, D, L, fit, _, _) in analyses.items()}
+  plots.scaling_frontiers(laws, f'{plots_dir}/scaling_frontiers.png')
+  estimates = {}  # (family, method) -> (a, its interval)
+  for family, (_, _, _, _, fit, iso, _) in analyses.items():
+    estimates[family, 'parametric law'] = (fit.law.a, fit.interval()['a'])
+    estimates[family, 'IsoFLOP'] = (iso.n_law.exponent, iso.n_law.interval())
+  body = [
+    [family, method, f'{a:.3f} [{low:.3f}, {high:.3f}]']
+    for (family, method), (a, (low, high)) in estimates.items()
+  ]
+  verdicts = []
+  for method in ('parametric law', 'IsoFLOP'):
+    for f1, f2 in itertools.combinations(analyses, 2):
+      (a1, (low1, high1)), (a2, (low2, high2)) = estimates[f1, method], estimates[f2, method]
+      apart = high1 < low2 or high2 < low1
+      verdict = 'differ beyond their intervals' if apart else 'intervals overlap'
+      verdicts.append(f'- {method}: {f1} {a1:.3f} against {f2} {a2:.3f}: {verdict}')
+  return '\n\n'.join(
+    [
+      '# The families compared\n\nN* ~ C^a, compute-optimal parameters against compute, '
+      'with 95% intervals (D* ~ C^(1-a) under C = 6ND).',
+      study.markdown_table(('family', 'method', 'a [95%]'), body),
+      '\n'.join(verdicts),
+      '![frontiers](plots/scaling_frontiers.png)',
+    ]
+  )
+
+
+def family_report(family, analysis, plots_dir):
   """The parametric law with bootstrap intervals, the IsoFLOP analysis, and both ways to the
-  compute-optimal exponents; per run, compute by 6ND and by the model's own count."""
-  finished, N, D, L, fit, iso, caught = analyse(runs)
+  compute-optimal exponents; per run, compute by 6ND and by the model's own count. Headings
+  and plots are named by the family when the study holds several."""
+  finished, N, D, L, fit, iso, caught = analysis
   law, stderr, interval = fit.law, fit.stderr(), fit.interval()
-  plots.scaling_frontier(N, D, L, law, f'{plots_dir}/scaling_frontier.png')
-  plots.isoflop_profiles(iso, f'{plots_dir}/scaling_isoflops.png')
-  plots.scaling_residuals(N, D, L, law, f'{plots_dir}/scaling_residuals.png')
+  title, tag = (f'{family}: ', f'{family}_') if family else ('', '')
+  plots.scaling_frontier(N, D, L, law, f'{plots_dir}/{tag}scaling_frontier.png')
+  plots.isoflop_profiles(iso, f'{plots_dir}/{tag}scaling_isoflops.png')
+  plots.scaling_residuals(N, D, L, law, f'{plots_dir}/{tag}scaling_residuals.png')
 
   identified = fit.identified()
 
@@ -190,17 +250,17 @@ def report(runs, plots_dir):
   notes = ''.join(f'\n\nNote: {w.message}' for w in caught)
   return '\n\n'.join(
     [
-      f'## Scaling law L(N, D) = E + A / N^alpha + B / D^beta\n\n{len(finished)} runs; Huber '
-      '(delta 1e-3) on log loss, L-BFGS from a grid of starts; 200 bootstrap resamples of '
+      f'## {title}Scaling law L(N, D) = E + A / N^alpha + B / D^beta\n\n{len(finished)} runs; '
+      'Huber (delta 1e-3) on log loss, L-BFGS from a grid of starts; 200 bootstrap resamples of '
       'the runs. N: every parameter; D: training tokens; L: held-out loss in nats per byte. '
       'A scale whose interval spans more than a factor of 100, or an exponent whose interval '
       'is wider than twice it, is marked "not identified": these runs do not determine it.',
       parametric,
-      '## Compute-optimal allocation\n\n' + optimal + notes,
+      f'## {title}Compute-optimal allocation\n\n' + optimal + notes,
       budgets,
-      '![loss against compute](plots/scaling_frontier.png)\n\n'
-      '![IsoFLOP profiles](plots/scaling_isoflops.png)\n\n'
-      '![residuals](plots/scaling_residuals.png)',
-      '## Compute per run\n\n' + per_run,
+      f'![loss against compute](plots/{tag}scaling_frontier.png)\n\n'
+      f'![IsoFLOP profiles](plots/{tag}scaling_isoflops.png)\n\n'
+      f'![residuals](plots/{tag}scaling_residuals.png)',
+      f'## {title}Compute per run\n\n' + per_run,
     ]
   )

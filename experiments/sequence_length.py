@@ -8,8 +8,9 @@ Every run sees 1,024 characters a step (batch = 1024 / seq_len) for STEPS steps,
 differ only in how those characters are cut into windows. The context a model uses: the
 transformer attends to the whole window; the LSTM carries its state across windows
 (stateful, as char-rnn), seq_len being its backpropagation-through-time length; WaveNet's
-receptive field is sized to twice the window. Widths are solved for the nanogpt_cpu
-transformer's 0.8M parameters.
+receptive field is sized to twice the window; minGRU, Hawk and Mamba, whose recurrences are
+linear in the state, start each window from a zero state, as the transformer does. Widths
+are solved for the nanogpt_cpu transformer's 0.8M parameters.
 """
 
 from ar_jax import models, plots, study
@@ -17,8 +18,8 @@ from ar_jax.config import parse_arg
 from experiments import shakespeare_char, sizing
 
 VOCAB = 65
-LENGTHS = ('32', '64', '128', '256', '512')
-FAMILIES = ('transformer', 'lstm', 'wavenet')
+LENGTHS = ('32', '64', '128', '256', '512', '1024')
+FAMILIES = ('transformer', 'lstm', 'wavenet', 'mingru', 'hawk', 'mamba')
 TOKENS_PER_STEP = 1024
 STEPS = 1000
 
@@ -37,6 +38,8 @@ def get_config(arg: str | None = None):
     c.model.max_len = seq_len
   elif args['model'] == 'lstm':
     shakespeare_char.recurrent(c, 'lstm')
+  elif args['model'] in shakespeare_char.LINEAR:
+    shakespeare_char.linear_recurrent(c, args['model'])
   else:
     shakespeare_char.convolutional(c, wavenet=True)
   if args['model'] != 'transformer':

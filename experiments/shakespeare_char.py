@@ -4,12 +4,13 @@
       --workdir=workdirs/shakespeare_cpu
 
 Arg keys: preset=nanogpt_cpu|nanogpt_gpu (nanoGPT's two reference setups: sizes, batch,
-steps, schedule) and model=transformer|rnn|lstm|gru|mingru|minlstm|conv|wavenet (rnn is the
-Elman RNN; the recurrent models are char-rnn-like: 2 layers of 512, trained statefully on
-consecutive windows; mingru and minlstm are the transformer's stack, depth and width, with
-the parallel-scan recurrence in place of attention; conv is a plain causal-conv stack
-seeing 33 characters, wavenet a dilated gated one whose receptive field is about twice the
-preset's window).
+steps, schedule) and model=transformer|rnn|lstm|gru|mingru|minlstm|hawk|mamba|conv|wavenet
+(rnn is the Elman RNN; the recurrent models are char-rnn-like: 2 layers of 512, trained
+statefully on consecutive windows; mingru, minlstm, hawk and mamba, whose recurrences are
+linear in the state, are the transformer's stack at its width with the parallel-scan
+recurrence in place of attention, at its depth (mamba: twice it, see linear_recurrent);
+conv is a plain causal-conv stack seeing 33 characters, wavenet a dilated gated one whose
+receptive field is about twice the preset's window).
 Data: the TFDS tiny_shakespeare dataset, read from $TFDS_DATA_DIR or data.data_dir. Its
 validation + test splits together are exactly nanoGPT's val split, so evaluation pools both.
 Or text=PATH: the same corpus as a text file (char-rnn's input.txt), split 90/10 by position
@@ -21,10 +22,28 @@ from ar_jax.config import defaults, parse_arg
 
 CHOICES = {
   'preset': ('nanogpt_cpu', 'nanogpt_gpu'),
-  'model': ('transformer', 'rnn', 'lstm', 'gru', 'mingru', 'minlstm', 'conv', 'wavenet'),
+  'model': (
+    'transformer',
+    'rnn',
+    'lstm',
+    'gru',
+    'mingru',
+    'minlstm',
+    'hawk',
+    'mamba',
+    'conv',
+    'wavenet',
+  ),
   'text': None,  # a path: read the corpus from this text file instead of TFDS
 }
 CELLS = {'rnn': 'elman', 'lstm': 'lstm', 'gru': 'gru'}
+# model= -> (model.name, its fields) of the families whose recurrence is linear in the state
+LINEAR = {
+  'mingru': ('minrnn', {'cell': 'mingru'}),
+  'minlstm': ('minrnn', {'cell': 'minlstm'}),
+  'hawk': ('hawk', {}),
+  'mamba': ('mamba', {}),
+}
 
 
 def get_config(arg: str | None = None):
@@ -78,8 +97,8 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 1000  # minutes apart on one GPU
   if args['model'] in CELLS:
     recurrent(c, CELLS[args['model']])
-  elif args['model'] in ('mingru', 'minlstm'):
-    minimal_recurrent(c, args['model'])
+  elif args['model'] in LINEAR:
+    linear_recurrent(c, args['model'])
   elif args['model'] in ('conv', 'wavenet'):
     convolutional(c, wavenet=args['model'] == 'wavenet')
   return c
@@ -101,13 +120,18 @@ def recurrent(c, cell: str) -> None:
   c.optim.weight_decay = 0.0  # char-rnn regularizes with dropout only
 
 
-def minimal_recurrent(c, cell: str) -> None:
-  """minGRU or minLSTM blocks in place of the transformer's, at its depth and width."""
+def linear_recurrent(c, model: str) -> None:
+  """Blocks of a recurrence linear in the state in place of the transformer's, at its width
+  and depth; Mamba's at twice the depth, as Gu and Dao match a transformer's size (a Mamba
+  block, with no MLP, has about half a transformer layer's parameters)."""
   transformer = c.model
-  c.model = models.default_config('minrnn')
-  c.model.cell = cell
-  for name in ('num_layers', 'd_model', 'dropout', 'dtype'):
-    c.model[name] = transformer[name]
+  name, fields = LINEAR[model]
+  c.model = models.default_config(name)
+  c.model.update(fields)
+  for field in ('num_layers', 'd_model', 'dropout', 'dtype'):
+    c.model[field] = transformer[field]
+  if name == 'mamba':
+    c.model.num_layers *= 2
 
 
 def convolutional(c, wavenet: bool) -> None:

@@ -19,11 +19,11 @@ def match_width(model, target: float, which: int, vocab_size: int, seq_len: int)
 
 
 def set_width(model, width: int) -> None:
-  """The width of a recurrent model (its state; a minGRU/minLSTM's residual stream) or a
-  convolutional one (its channels)."""
+  """The width of a recurrent model (its state; the residual stream of a recurrence linear in
+  the state) or a convolutional one (its channels)."""
   if model.name == 'rnn':
     model.d_hidden = width
-  elif model.name == 'minrnn':  # its state and MLP widths follow d_model
+  elif model.name in ('minrnn', 'hawk', 'mamba'):  # their state and MLP widths follow d_model
     model.d_model = width
   elif model.name == 'conv':  # the residual stack, its skips (WaveNet) and the head
     model.channels = model.head_channels = width

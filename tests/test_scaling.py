@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ar_jax import plots, scaling
+from experiments import scaling as scaling_study
 
 # Besiroglu et al. (2024), table 1: (estimate, standard error) of their Approach 3 replication.
 BESIROGLU = {
@@ -121,19 +122,19 @@ def test_optimal_is_on_the_iso_compute_line_and_minimises_the_loss_along_it():
   assert scaling.compute_6nd(N_opt, D_opt) == pytest.approx(C)
 
 
-def isoflop_runs(seed=0):
+def isoflop_runs(seed=0, law=TRUTH):
   """6 sizes per budget at 5 budgets, centred off the optimum by up to a factor 1.5 either way."""
   rng = np.random.default_rng(seed)
   budgets = np.geomspace(1e18, 1e22, 5)
   N, C = [], []
   for c in budgets:
-    n_opt, _ = TRUTH.optimal(c)
+    n_opt, _ = law.optimal(c)
     sizes = n_opt * np.exp(rng.uniform(-0.4, 0.4)) * np.geomspace(1 / 8, 8, 6)
     N.append(sizes)
     # Each run's exact compute differs a little from the budget's nominal 6ND.
     C.append(c * rng.uniform(0.98, 1.02, sizes.shape))
   N, C = np.concatenate(N), np.concatenate(C)
-  L = TRUTH.predict(N, C / (6 * N)) * np.exp(0.001 * rng.standard_normal(N.shape))
+  L = law.predict(N, C / (6 * N)) * np.exp(0.001 * rng.standard_normal(N.shape))
   return N, C, L, np.repeat(budgets, 6)
 
 
@@ -207,7 +208,28 @@ def test_plots_write_pngs(tmp_path):
     plots.scaling_frontier(N, D, L, TRUTH, tmp_path / 'frontier.png'),
     plots.isoflop_profiles(iso, tmp_path / 'isoflops.png'),
     plots.scaling_residuals(N, D, L, TRUTH, tmp_path / 'residuals.png'),
+    plots.scaling_frontiers(
+      {'a': (N, D, L, TRUTH), 'b': (N, D, L * 1.1, TRUTH)}, tmp_path / 'f.png'
+    ),
   ]
   for path in paths:
     data = path.read_bytes()
     assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 5000, path
+
+
+def test_the_study_tells_families_whose_exponents_differ_from_those_it_cannot(tmp_path):
+  """Three families' runs: two from one law (different noise), one from a law whose
+  compute-optimal exponent a = beta / (alpha + beta) is 0.29 against 0.45."""
+  steep = scaling.Law(E=1.7, A=400.0, B=1500.0, alpha=0.5, beta=0.2)
+  analyses = {}
+  for family, seed, law in [('x', 0, TRUTH), ('y', 1, TRUTH), ('z', 2, steep)]:
+    N, C, L, labels = isoflop_runs(seed, law)
+    D = C / (6 * N)
+    fit = scaling.bootstrap(N, D, L, n_boot=20, seed=seed)
+    analyses[family] = ([], N, D, L, fit, scaling.isoflops(N, C, L, budget=list(labels)), [])
+  text = scaling_study.comparison(analyses, tmp_path)
+  for method in ('parametric law', 'IsoFLOP'):
+    assert f'{method}: x 0.4' in text
+    lines = [line for line in text.splitlines() if line.startswith(f'- {method}:')]
+    assert [line.endswith('intervals overlap') for line in lines] == [True, False, False], lines
+  assert (tmp_path / 'scaling_frontiers.png').stat().st_size > 5000

@@ -27,7 +27,7 @@ def test_families_are_matched_to_the_transformer(match, which):
     c = compare_families.get_config(f'model={model},match={match}')
     assert models.size(c.model, 65, seq_len)[which] == pytest.approx(reference[which], rel=0.01)
   runs = declared(compare_families)
-  assert len(runs) == 3 * (8 + 7)  # the transformer is the reference of both matchings
+  assert len(runs) == 3 * (10 + 9)  # the transformer is the reference of both matchings
   assert {r['seed'] for r in runs} == {0, 1, 2}
 
 

@@ -92,7 +92,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     ({'mesh.data': 16}, r'needs 16 devices; 8 are present'),
     ({'data.seq_len': 64}, r'data.seq_len=64 is longer than the 32 positions the model supports'),
     ({'data.name': 'no_such_corpus'}, r"unknown data.name='no_such_corpus'"),
-    ({'model.name': 'mamba'}, r"unknown model.name='mamba'"),
+    ({'model.name': 'hyena'}, r"unknown model.name='hyena'"),
     ({'model.num_heads': 3}, r'num_heads=3 does not divide model.d_model=16'),
     ({'batch_size': 0}, r'batch_size must be positive, got 0'),
     (

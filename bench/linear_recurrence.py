@@ -1,0 +1,170 @@
+"""The recurrent models on one machine: every recurrent family at the nanogpt_cpu
+transformer's 0.8M parameters, and the parallel scans against the same recurrences run one
+step at a time.
+
+  python bench/linear_recurrence.py [--repeats=5] [--text=PATH] [--tiny]
+
+1. Each model as experiments/compare_families.py sizes it (model=...,match=params): training
+   tokens/s through the trainer's compiled step (12 x 64 windows of random characters, as
+   the nanogpt_cpu preset), and decoding tokens/s (greedy, 256 new tokens after a one-token
+   prompt, batch 1, from the cache). The Elman RNN, LSTM and GRU step through time; minGRU,
+   minLSTM, Hawk and Mamba scan in parallel.
+2. The scans alone, forward and backward: h_t = a_t h_{t-1} + b_t over [8, T, 512] by
+   recurrence.affine_scan against jax.lax.scan one step at a time, and Mamba's chunked
+   selective scan (E 512, N 16, chunks of 256) against a lax.scan of the same recurrence,
+   at T = 128 and 1,024, as tokens (batch x T) per second.
+Medians of --repeats timings; absolute figures move with the machine's load, the ratios
+within one run much less.
+"""
+
+import pathlib
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import timing  # noqa: E402
+
+flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
+flags.DEFINE_string(
+  'text',
+  str(REPO.parent / 'shared/data/tinyshakespeare/input.txt'),
+  "Corpus for the models' vocabulary.",
+)
+flags.DEFINE_bool('tiny', False, 'A few steps and small scans: checks that the script runs.')
+FLAGS = flags.FLAGS
+
+MODELS = ('rnn', 'lstm', 'gru', 'mingru', 'minlstm', 'hawk', 'mamba')
+
+
+def median_seconds(fn, repeats: int) -> float:
+  import jax
+
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def decoding_rate(config, new_tokens: int, repeats: int) -> float:
+  import jax
+  import jax.numpy as jnp
+
+  from ar_jax import decoding, models
+
+  model = models.get_model(config.model, 65)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  prompt = jnp.zeros((1, 1), jnp.int32)
+
+  def run():
+    return decoding.generate(
+      model, params, prompt, new_tokens, jax.random.key(0), temperature=0.0
+    ).tokens
+
+  return new_tokens / median_seconds(run, repeats)
+
+
+def models_table(tiny: bool, repeats: int) -> None:
+  from ar_jax import models
+  from experiments import compare_families
+
+  steps, new_tokens = (2, 8) if tiny else (50, 256)
+  print('| model | parameters | train tokens/s | decode tokens/s |\n| --- | --- | --- | --- |')
+  for name in MODELS:
+    c = compare_families.get_config(f'model={name},match=params,text={FLAGS.text}')
+    if tiny:
+      c.batch_size, c.data.seq_len = 2, 16
+    params = models.size(c.model, 65, c.data.seq_len)[0]
+    train = timing.ar_jax_rate(c, steps, steps, repeats)
+    decode = decoding_rate(c, new_tokens, repeats)
+    print(f'| {name} | {params / 1e6:.2f}M | {train:,.0f} | {decode:,.0f} |', flush=True)
+
+
+def sequential(a_BT_, b_BT_, h0_B_):
+  import jax
+  import jax.numpy as jnp
+
+  def step(h, ab):
+    h = ab[0] * h + ab[1]
+    return h, h
+
+  _, h_TB_ = jax.lax.scan(step, h0_B_, (jnp.moveaxis(a_BT_, 1, 0), jnp.moveaxis(b_BT_, 1, 0)))
+  return jnp.moveaxis(h_TB_, 0, 1)
+
+
+def sequential_selective(u, delta, a_EN, b_BTN, c_BTN, keep, h0, chunk):
+  """mamba.selective_scan's recurrence, one position at a time."""
+  import jax
+  import jax.numpy as jnp
+
+  from ar_jax.models import mamba
+
+  del keep, chunk
+
+  def step(h, x):
+    u_BE, delta_BE, b_BN, c_BN = x
+    abar, bbar = mamba.discretise(delta_BE[:, None], a_EN, b_BN[:, None])
+    h = abar[:, 0] * h + bbar[:, 0] * u_BE[..., None]
+    return h, jnp.einsum('ben,bn->be', h, c_BN)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, delta, b_BTN, c_BTN))
+  h, y_TBE = jax.lax.scan(step, h0, xs)
+  return jnp.moveaxis(y_TBE, 0, 1), h
+
+
+def scans_table(tiny: bool, repeats: int) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from ar_jax.models import mamba, recurrence
+
+  B, E, N = (2, 16, 4) if tiny else (8, 512, 16)
+  print('\n| scan | T | parallel tokens/s | sequential tokens/s | parallel / sequential |')
+  print('| --- | --- | --- | --- | --- |')
+  for T in (128, 1024):
+    keys = jax.random.split(jax.random.key(T), 6)
+    a = jax.random.uniform(keys[0], (B, T, E), minval=0.5, maxval=1.0)
+    b = jax.random.normal(keys[1], (B, T, E))
+    h0 = jnp.zeros((B, E))
+    u = jax.random.normal(keys[2], (B, T, E))
+    delta = jnp.exp(jax.random.normal(keys[3], (B, T, E)) - 3)
+    a_EN = -jnp.broadcast_to(jnp.arange(1.0, N + 1), (E, N))
+    b_BTN, c_BTN = jax.random.normal(keys[4], (2, B, T, N))
+    keep = jnp.ones((B, T), bool)
+    h0_EN = jnp.zeros((B, E, N))
+    cases = {
+      'affine [B, T, E]': (recurrence.affine_scan, sequential, (a, b, h0)),
+      'selective [B, T, E, N]': (
+        lambda *x: mamba.selective_scan(*x, 256)[0],
+        lambda *x: sequential_selective(*x, 256)[0],
+        (u, delta, a_EN, b_BTN, c_BTN, keep, h0_EN),
+      ),
+    }
+    for name, (parallel, one_by_one, args) in cases.items():
+      rates = []
+      for scan in (parallel, one_by_one):
+        # Gradients with respect to the float inputs (the keep mask is not one).
+        argnums = tuple(i for i, x in enumerate(args) if x.dtype != bool)
+        grad = jax.jit(jax.grad(lambda *x, f=scan: f(*x).sum(), argnums=argnums))
+        rates.append(B * T / median_seconds(lambda g=grad, x=args: g(*x), repeats))
+      print(f'| {name} | {T:,} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f}x |')
+
+
+def main(argv):
+  del argv
+  import jax
+
+  print(f'# {timing.cpu_model()}; {jax.devices()[0].device_kind}; repeats {FLAGS.repeats}\n')
+  models_table(FLAGS.tiny, FLAGS.repeats)
+  scans_table(FLAGS.tiny, FLAGS.repeats)
+
+
+if __name__ == '__main__':
+  app.run(main)
