@@ -34,14 +34,18 @@ def start(args, **kwargs) -> subprocess.Popen:
   return proc
 
 
-def subprocess_env(devices: int = 1) -> dict[str, str]:
+def subprocess_env(devices: int = 1, optimised: bool = False) -> dict[str, str]:
   """This environment for a test's subprocess on `devices` CPU devices (one, as users run):
-  the test run's other XLA flags kept (conftest's optimisation level)."""
+  the test run's other XLA flags kept, and its unoptimised compiles (conftest) unless
+  `optimised`, for a process that trains long enough to gain from XLA's optimisations."""
   flags = os.environ.get('XLA_FLAGS', '').split()
   flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
   if devices > 1:
     flags.append(f'--xla_force_host_platform_device_count={devices}')
-  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+  env = {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+  if optimised:
+    env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
+  return env
 
 
 def run(args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:

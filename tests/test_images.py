@@ -88,7 +88,7 @@ def test_tfds_images_when_prepared(name, shared_data):
   assert examples_EX[:, 1:].max() < c.data.pixel_levels
 
 
-def test_pixelcnn_on_digits_learns_well_below_8_bits_per_dim(tmp_path):
+def test_pixelcnn_on_digits_learns_well_below_8_bits_per_dim(tmp_path, optimised):
   c = pixelcnn.get_config('dataset=digits')
   c.model.features, c.model.num_layers, c.model.head_features = 16, 3, 32
   c.mesh.data = 1
