@@ -7,9 +7,13 @@ def match_width(model, target: float, which: int, vocab_size: int, seq_len: int)
   """Sets config.model's width so that models.size(...)[which] (0: parameters, 1: forward
   FLOPs per token) is nearest target. Both grow with the width, so a bisection finds it."""
 
+  sizes: dict[int, float] = {}
+
   def measure(width: int) -> float:
-    set_width(model, width)
-    return models.size(model, vocab_size, seq_len)[which]
+    if width not in sizes:
+      set_width(model, width)
+      sizes[width] = models.size(model, vocab_size, seq_len)[which]
+    return sizes[width]
 
   low, high = 1, 4096
   while high - low > 1:

@@ -40,12 +40,12 @@ def log_space_reference(log_a, log_b, h0):
 
 
 # name -> (scan, the sequential scan of the same inputs, whether b may be negative). The
-# log-space scan takes (log a, log b, h0). The chunk sizes 1 and 4 divide 128, 5 divides none
+# log-space scan takes (log a, log b, h0). The chunk size 4 divides 128, 5 divides none
 # of LENGTHS, and lengths up to the chunk run as one piece.
 SCANS = {
   'affine': (recurrence.affine_scan, sequential, True),
   'log_space': (minrnn.linear_scan, log_space_reference, False),
-  **{f'chunk{c}': (chunked_scan(c), sequential, True) for c in (1, 4, 5)},
+  **{f'chunk{c}': (chunked_scan(c), sequential, True) for c in (4, 5)},
 }
 
 
