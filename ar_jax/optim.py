@@ -7,7 +7,11 @@ import optax
 
 from ar_jax.errors import check
 
-NO_DECAY = ('bias', 'scale')
+# Parameters never decayed, by name: norm scales (and biases, any name ending in 'bias'), as
+# nanoGPT; and what sets a linear recurrence's decay rates or skips its state (Mamba's A_log
+# and D, which Gu and Dao's code exempts; the RG-LRU's L, of the same kind): decaying them
+# toward 0 changes how long the state remembers, not how large a weight is.
+NO_DECAY = ('scale', 'a_log', 'skip', 'a_param')
 
 
 def warmup_steps(optim: Any, num_train_steps: int) -> int:
@@ -31,8 +35,8 @@ def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and embeddings (positions too), never on biases or norm scales,
-  as nanoGPT does.
+  """Weight decay on matrices and embeddings (positions too), never on biases, norm scales or
+  a recurrence's decay rates (NO_DECAY).
 
   Decided by parameter name, not rank: with scanned layers a bias has a layer axis too.
   """
@@ -40,7 +44,10 @@ def _decay_mask(params: Any) -> Any:
   def name(path):  # the innermost dict key: boxes for logical axes add attribute keys
     return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
 
-  return jax.tree_util.tree_map_with_path(lambda path, _: name(path) not in NO_DECAY, params)
+  def decayed(path, _):
+    return not (name(path) in NO_DECAY or name(path).endswith('bias'))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(optim: Any, num_train_steps: int) -> optax.GradientTransformation:

@@ -1,12 +1,13 @@
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ar_jax import evaluation, optim, train
+from ar_jax import evaluation, models, optim, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import pipeline
@@ -65,10 +66,21 @@ def test_xla_defaults_add_cublas_matmuls_unless_the_user_chose(monkeypatch):
   assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_triton_gemm=true'
 
 
-def test_weight_decay_skips_biases_and_norms():
+def test_weight_decay_skips_biases_norms_and_decay_rates():
+  """Decayed: matrices. Not: biases, norm scales, and a linear recurrence's decay rates and
+  skip (Mamba's A_log, dt_bias and D; Hawk's L and its gates' bias), by their models' names."""
   params = {'block': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}, 'ln': {'scale': np.ones(2)}}
   mask = optim._decay_mask(params)
   assert mask == {'block': {'kernel': True, 'bias': False}, 'ln': {'scale': False}}
+  expected = {
+    'mamba': {'a_log': False, 'dt_bias': False, 'skip': False, 'x_proj': {'kernel': True}},
+    'hawk': {'rg_lru': {'a_param': False, 'gates_bias': False, 'gates': True}},
+  }
+  for family, wanted in expected.items():
+    model = models.get_model(models.tiny_configs(family)[family], 13)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    block = optim._decay_mask(nn.unbox(shapes['params']))['block_0']
+    assert {k: block[k] for k in wanted} == wanted, block
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
