@@ -183,8 +183,8 @@ def plot_curves(runs: Sequence[RunRecord], metric: str, against: str, path: str)
   ax_train, ax_eval = fig.subplots(1, 2)
   labelled = set()
   for r in runs:
-    if against == 'flops' and not r.final:
-      continue
+    if not r.history or (against == 'flops' and not r.final):
+      continue  # not started yet, or no FLOP count before it has finished
     scale = r.tokens_per_step * (
       3 * r.final['forward_flops_per_token'] if against == 'flops' else 1
     )

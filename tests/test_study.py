@@ -3,11 +3,14 @@
 import csv
 import json
 import os
+import pathlib
 import re
+import shutil
 import sys
 
 import pytest
 
+from ar_jax import study
 from ar_jax.errors import ConfigError
 from launch import sweep
 from tests import helpers
@@ -133,6 +136,11 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
   for plot in ('final.png', 'curves_tokens.png', 'curves_flops.png'):
     assert (root / 'plots' / plot).read_bytes().startswith(PNG)
     assert f'plots/{plot}' in text
+
+  # A study run in parts reports what has finished while other runs have not started.
+  shutil.rmtree(root / names[1])
+  report = study.write_report(str(root), str(REPO / STUDY))
+  assert '2 runs (1 finished)' in pathlib.Path(report).read_text()
 
 
 def test_study_of_a_root_without_a_sweep_says_so(tmp_path):

@@ -22,5 +22,5 @@ def sweep(add, arg):
 
 def report(runs, plots_dir):
   del plots_dir
-  body = [[r.fields['width'], r.final['num_params']] for r in runs]
+  body = [[r.fields['width'], r.final['num_params']] for r in runs if r.final]
   return '## Parameters by width\n\n' + study.markdown_table(('width', 'params'), body)
