@@ -109,12 +109,16 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0  # global-norm clip; 0 = off
 
   c.mesh = ml_collections.ConfigDict()
+  # Pipeline stages (ar_jax/pipeline.py): the layer stack is split into this many contiguous
+  # groups, each held and run by one group of devices. Families with a scanned layer stack.
+  c.mesh.stage = 1
   c.mesh.data = -1  # data-parallel replicas; -1 = the devices left over
   c.mesh.fsdp = 1  # parameter/optimizer-state shards (batch is split over it too)
   c.mesh.tensor = 1  # tensor-parallel shards of heads, MLP and vocab
   # Multi-slice: the sizes above are then per slice (ICI links), and these across slices
   # (DCN); usually only data (or fsdp) crosses slices. A process counts as a slice on
   # hardware without slices.
+  c.mesh.dcn_stage = 1
   c.mesh.dcn_data = 1
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
@@ -122,6 +126,14 @@ def defaults() -> ml_collections.ConfigDict:
   # shared ones (ar_jax/sharding.py), e.g. (('mlp', None),) keeps MLPs whole. A name no
   # rule lists is replicated.
   c.sharding_rules = ()
+  # With mesh.stage > 1: each batch (each accumulation microbatch) is cut into this many
+  # pipeline microbatches; 0 = as many as there are stages. The idle fraction of a step (the
+  # bubble) is (stages - 1) / (microbatches * repeats + stages - 1).
+  c.pipeline_microbatches = 0
+  # Virtual stages per device (the circular schedule): 1 = GPipe. Each device then holds
+  # `repeats` non-adjacent groups of layers and each microbatch goes round the stages that
+  # many times; needs microbatches >= stages.
+  c.pipeline_repeats = 1
 
   # Weights & Biases, beside metrics.jsonl and TensorBoard (process 0; the same scalars):
   # on when project is set. mode 'offline' writes WORKDIR/wandb for a later `wandb sync`.

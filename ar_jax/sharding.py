@@ -13,12 +13,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ar_jax.errors import check
 
-AXES = ('data', 'fsdp', 'tensor')
+# Outermost first: neighbouring devices (the fastest links) share the inner axes. Pipeline
+# stages exchange one activation per microbatch, the least traffic of the four, so 'stage'
+# is the axis that crosses the slowest links.
+AXES = ('stage', 'data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh. One size may be -1: the devices left over.
+  """A (stage, data, fsdp, tensor) mesh. One size may be -1: the devices left over; a
+  size not given (stage, in configs older than pipelining) is 1.
 
   Without a -1 the mesh takes the first data * fsdp * tensor devices, so a run can use
   fewer devices than the host has (one device on an 8-device host: sizes 1, 1, 1).
@@ -30,7 +34,7 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   dcn = [int(mesh_config.get(f'dcn_{a}', 1)) for a in AXES]
   check(all(d > 0 for d in dcn), f'mesh DCN sizes must be positive: {dcn}')
   per_slice = len(devices) // math.prod(dcn)
-  sizes = [int(mesh_config[a]) for a in AXES]
+  sizes = [int(mesh_config.get(a, 1)) for a in AXES]
   described = ', '.join(f'{a}={s}' for a, s in zip(AXES, sizes, strict=True))
   check(all(s == -1 or s > 0 for s in sizes), f'mesh sizes must be positive or -1: {described}')
   check(sizes.count(-1) <= 1, f'at most one mesh size may be -1: {described}')
@@ -65,6 +69,17 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))
 
 
+def bytes_on(device: jax.Device, tree: Any) -> int:
+  """Bytes of the sharded arrays (or ShapeDtypeStructs with shardings) in tree that `device`
+  holds."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    index = x.sharding.devices_indices_map(x.shape)[device]
+    shard = [len(range(*i.indices(n))) for i, n in zip(index, x.shape, strict=True)]
+    total += math.prod(shard) * x.dtype.itemsize
+  return total
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
@@ -73,6 +88,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # rules: the first whose mesh axes are free (and divide the dimension) applies, so
 # ('vocab', 'fsdp') shards an output head over fsdp when tensor is taken by its other axis.
 SHARED_RULES = (
+  # A stack of layers (scanned, with a leading 'layers' parameter axis) is split into
+  # contiguous groups over the pipeline stages; see ar_jax/pipeline.py.
+  ('layers', 'stage'),
+  ('stage', 'stage'),
   ('vocab', 'tensor'),
   ('embed', 'fsdp'),
   ('vocab', 'fsdp'),

@@ -382,4 +382,10 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     ', '.join(f'{k.split("/")[1]} {v / 2**20:.1f} MiB' for k, v in memory.items()),
     memory['memory/total_bytes'] / 2**30,
   )
+  # One program runs on every device, so XLA's figures above are each device's; what differs
+  # between pipeline stages is which layers (and their optimizer state) their devices hold.
+  for s, devices in enumerate(run.mesh.devices if run.mesh.shape['stage'] > 1 else ()):
+    held = sharding.bytes_on(devices.flat[0], abstract)
+    memory[f'memory/stage_{s}/params_and_state_bytes'] = float(held)
+    log.info('stage %d: parameters and optimizer state %.1f MiB per device', s, held / 2**20)
   return memory

@@ -25,6 +25,7 @@ from ar_jax import (
   data,
   models,
   optim,
+  pipeline,
   profiling,
   scheduled_sampling,
   sharding,
@@ -129,8 +130,9 @@ def setup(
   streams = data.load(config.data, tokenizer, train=train, evaluation=evaluation)
   vocab = streams.tokenizer.vocab_size
   eos = streams.tokenizer.eos_id
-  model = models.get_model(config.model, vocab, eos)
-  train_model = models.get_model(config.model, vocab, eos, deterministic=False)
+  stages = pipeline.from_config(config)
+  model = models.get_model(config.model, vocab, eos, pipeline=stages)
+  train_model = models.get_model(config.model, vocab, eos, deterministic=False, pipeline=stages)
   check(
     not config.stateful or not model.max_len,
     f'stateful training carries a recurrent state; model.name={config.model.name!r} has a '
@@ -153,6 +155,16 @@ def setup(
     f'batch_size={config.batch_size} does not split into grad_accum_steps='
     f'{config.grad_accum_steps} microbatches over the data-parallel size {dp}',
   )
+  rows = {
+    'batch_size / grad_accum_steps': config.batch_size // config.grad_accum_steps,
+    'eval_batch_size': config.eval_batch_size or config.batch_size,
+  }
+  for name, n in rows.items() if stages else ():
+    check(
+      n % (dp * stages.microbatches) == 0,
+      f'a batch of {n} rows ({name}) does not split into {stages.microbatches} pipeline '
+      f'microbatches over the data-parallel size {dp}',
+    )
   tx = optim.make_optimizer(config.optim, config.num_train_steps)
   return Run(config, workdir, streams, model, train_model, mesh, tx)
 

@@ -135,7 +135,10 @@ def test_prompt_outside_the_vocabulary_is_named(tmp_path, text_file):
   [
     (['--config.model.depth=3'], 'depth'),  # not a key of the locked config
     (['--config.batch_size=many'], 'batch_size'),
-    (['--config.mesh.data=3'], 'mesh data=3, fsdp=1, tensor=1 needs 3 devices; 1 are present'),
+    (
+      ['--config.mesh.data=3'],
+      'mesh stage=1, data=3, fsdp=1, tensor=1 needs 3 devices; 1 are present',
+    ),
     (['--verbosity=loud'], "flag --verbosity=loud: invalid literal for int() with base 10: 'loud'"),
   ],
 )

@@ -15,7 +15,7 @@ from ar_jax import models, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
-from ar_jax.models import cells, rnn
+from ar_jax.models import bptt, cells, rnn
 from tests.helpers import family_config, read_jsonl, tiny_config
 
 
@@ -228,8 +228,8 @@ def test_hand_written_bptt_equals_autodiff_of_the_loop(cell, activation):
     )
 
   argnums = tuple(i for i, a in enumerate(args, start=1) if a is not None)
-  ours = jax.grad(loss, argnums)(rnn.recurrence, *args)
-  autodiff = jax.grad(loss, argnums)(lambda *a: rnn._forward(*a)[0], *args)
+  ours = jax.grad(loss, argnums)(bptt.recurrence, *args)
+  autodiff = jax.grad(loss, argnums)(lambda *a: bptt._forward(*a)[0], *args)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, autodiff)
 
 

@@ -19,7 +19,9 @@ from ar_jax import sharding
 from ar_jax.errors import ConfigError
 from ar_jax.models import contract
 
-_NOT_MODELS = frozenset({'cells', 'contract', 'layers', 'recurrence'})  # modules shared by families
+_NOT_MODELS = frozenset(
+  {'bptt', 'cells', 'contract', 'layers', 'recurrence'}
+)  # modules shared by families
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 
@@ -81,11 +83,29 @@ def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None):
 
 
 def get_model(
-  model_config: Any, vocab_size: int, eos_id: int | None = None, *, deterministic: bool = True
+  model_config: Any,
+  vocab_size: int,
+  eos_id: int | None = None,
+  *,
+  deterministic: bool = True,
+  pipeline: Any = None,
 ):
-  """The Flax module named by config.model.name, configured by the rest of config.model."""
+  """The Flax module named by config.model.name, configured by the rest of config.model;
+  with a pipeline (ar_jax.pipeline.Pipeline), its layer stack split over the stages."""
   module, cfg = build_config(model_config, vocab_size, eos_id)
-  return module.Model(cfg, deterministic=deterministic)
+  if pipeline is None:
+    return module.Model(cfg, deterministic=deterministic)
+  if not pipelined(model_config.name):
+    raise ConfigError(
+      f'model.name={model_config.name!r} has no pipelined layer stack: mesh.stage must be 1 '
+      f'(pipelined: {", ".join(filter(pipelined, available()))})'
+    )
+  return module.Model(cfg, deterministic=deterministic, pipeline=pipeline)
+
+
+def pipelined(name: str) -> bool:
+  """Whether family `name` can split its layer stack over pipeline stages."""
+  return 'pipeline' in getattr(_module(name).Model, '__dataclass_fields__', {})
 
 
 def size(model_config: Any, vocab_size: int, seq_len: int) -> tuple[int, float]:

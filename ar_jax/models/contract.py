@@ -16,6 +16,11 @@ A family is one module of ar_jax/models (its file name is config.model.name) tha
 
 Arrays are [B, T, ...] at the contract's boundary whatever a family uses inside; logits are
 float32 whatever the compute dtype.
+
+A family may also split its layers over pipeline stages (ar_jax/pipeline.py): its Model then
+has a `pipeline` field (None: one stage) that teacher forcing runs its stack through, its
+Config has `num_layers` and `scan_layers`, and its stacked parameters lead with the logical
+axis 'layers'. tests/test_pipeline.py checks every such family.
 """
 
 import types

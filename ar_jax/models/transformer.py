@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ar_jax import pipeline as pipeline_lib
 from ar_jax.errors import check
 from ar_jax.models import layers
 
@@ -132,13 +133,21 @@ def _positions(tokens_BT, segment_ids_BT):
 
 
 class Model(nn.Module):
-  """The model contract: __call__ for teacher forcing, init_cache + step for decoding."""
+  """The model contract: __call__ for teacher forcing, init_cache + step for decoding.
+
+  With a pipeline of several stages (which needs scan_layers), teacher forcing runs the
+  blocks through its schedule (ar_jax/pipeline.py); cached decoding runs them in order.
+  """
 
   config: Config
   deterministic: bool = True
+  pipeline: pipeline_lib.Pipeline | None = None
 
   def setup(self):
     cfg = self.config
+    if self.pipeline is not None:
+      check(cfg.scan_layers, 'pipeline stages split a scanned stack: set model.scan_layers=True')
+      self.pipeline.check_layers(cfg.num_layers)
     self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
     if cfg.pos_encoding == 'learned':
       self.pos_embed = self.param(
@@ -146,7 +155,7 @@ class Model(nn.Module):
         layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
         (cfg.max_len, cfg.d_model),
       )
-    block = layers.remat(Block, cfg.remat, prevent_cse=not cfg.scan_layers)
+    block = self.block_class = layers.remat(Block, cfg.remat, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.blocks = nn.scan(
         block,
@@ -190,7 +199,9 @@ class Model(nn.Module):
     x_BTD = self._embed(tokens_BT, positions) if x_BTD is None else x_BTD
     x_BTD = self.dropout(x_BTD).astype(layers.activation_dtype(cfg.dtype))
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
-    if cfg.scan_layers:
+    if self.pipeline is not None and layer_caches is None and not self.is_initializing():
+      x_BTD, new_caches = self._pipelined(x_BTD, positions, segment_ids_BT), None
+    elif cfg.scan_layers:
       x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions, segment_ids_BT)
     else:
       new_caches = []
@@ -207,6 +218,20 @@ class Model(nn.Module):
       logits_BTV = self.head(x_BTD)
     # Softmax and loss always see float32 logits.
     return logits_BTV.astype(jnp.float32), new_caches
+
+  def _pipelined(self, x_BTD, positions, segment_ids_BT):
+    """The scanned blocks' layers, [L, ...], run through the pipeline's schedule."""
+    B, T, _ = x_BTD.shape
+    aux = {'positions': jnp.broadcast_to(positions, (B, T)), 'segment_ids': segment_ids_BT}
+
+    def layer(params, x_bTD, aux_b, key):
+      block = self.block_class(self.config, self.deterministic, parent=None)
+      args = (x_bTD, None, aux_b['positions'], aux_b['segment_ids'])
+      return block.apply({'params': params}, *args, rngs={} if key is None else {'dropout': key})[0]
+
+    key = None if self.deterministic else self.make_rng('dropout')
+    params, names = self.variables['params']['blocks'], ('batch', 'length', 'embed')
+    return pipeline_lib.apply(layer, params, x_BTD, aux, self.pipeline, names, key)
 
   def __call__(
     self,

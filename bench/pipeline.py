@@ -1,0 +1,88 @@
+"""Pipeline bubbles on simulated devices: a transformer's train step split over 4 stages, by
+GPipe and by the circular schedule (2 repeats), at 4, 8 and 16 microbatches, against the
+same step without stages on the same 4 devices (data=4), beside the bubble's formula
+(S - 1) / (M R + S - 1).
+
+  python bench/pipeline.py [--repeats=5] [--text=PATH] [--tiny]
+
+The model is the nanogpt_cpu preset's transformer at 8 scanned layers (so that 4 stages x 2
+repeats split it), batch 64 x 64 characters, trained through the trainer's compiled step.
+Simulated devices share the machine's cores, so a stage's idle ticks are not idle here: the
+schedule computes on stand-in inputs in them (results never read) and the time that takes is
+the bubble's, measured as 1 - t(no stages) / t(pipelined). Smaller microbatches also run
+less efficiently on a CPU, which adds to the measured figure as M grows. Each layout's
+memory per device is XLA's analysis of its compiled step. Medians of --repeats timings.
+"""
+
+import os
+import pathlib
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+).strip()
+
+from absl import app, flags  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import timing  # noqa: E402
+
+flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
+flags.DEFINE_string(
+  'text',
+  str(REPO.parent / 'shared/data/tinyshakespeare/input.txt'),
+  "Corpus for the model's vocabulary.",
+)
+flags.DEFINE_bool('tiny', False, 'Small batches and one timing: checks that the script runs.')
+FLAGS = flags.FLAGS
+
+STAGES = 4
+MICROBATCHES = (4, 8, 16)
+
+
+def config(stages: int, microbatches: int, repeats: int, batch: int, seq_len: int):
+  c = timing.ar_jax_config('transformer', batch, seq_len, 'float32', FLAGS.text)
+  c.model.num_layers, c.model.scan_layers = 2 * STAGES, True
+  c.mesh.stage, c.mesh.data = stages, 4 // stages
+  c.pipeline_microbatches, c.pipeline_repeats = microbatches, repeats
+  return c
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from ar_jax import pipeline, train
+
+  batch, seq_len, steps = (16, 16, 1) if FLAGS.tiny else (64, 64, 3)
+  repeats = 1 if FLAGS.tiny else FLAGS.repeats
+  print(f'{timing.cpu_model()}; {jax.device_count()} simulated devices; jax {jax.__version__}')
+  print(f'transformer, 8 layers, batch {batch} x {seq_len}, {steps} steps per timing\n')
+
+  def measure(c):
+    memory = train.compile_only(c, tempfile.mkdtemp(prefix='bench_pipeline_'))
+    seconds = steps * batch * seq_len / timing.ar_jax_rate(c, steps, 1, repeats)
+    return seconds / steps, memory
+
+  ideal, ideal_memory = measure(config(1, 1, 1, batch, seq_len))
+  columns = ('schedule', 'microbatches', 'step (ms)', 'bubble, measured', '(S-1)/(MR+S-1)')
+  print(f'| {" | ".join(columns)} | state + temporaries per device (MiB) |')
+  print('| --- | --- | --- | --- | --- | --- |')
+
+  def row(name, m, seconds, memory, formula='-', measured='-'):
+    mib = (memory['memory/params_and_state_bytes'] + memory['memory/temporaries_bytes']) / 2**20
+    print(f'| {name} | {m} | {seconds * 1e3:.1f} | {measured} | {formula} | {mib:.1f} |')
+
+  row('no stages (data=4)', '-', ideal, ideal_memory)
+  for name, r in (('GPipe', 1), ('circular, 2 repeats', 2)):
+    for m in MICROBATCHES[:1] if FLAGS.tiny else MICROBATCHES:
+      seconds, memory = measure(config(STAGES, m, r, batch, seq_len))
+      formula = pipeline.Pipeline(STAGES, m, r).bubble
+      row(name, m, seconds, memory, f'{formula:.2f}', f'{1 - ideal / seconds:.2f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
