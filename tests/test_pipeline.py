@@ -19,7 +19,7 @@ LAYERS = 8
 FAMILIES = [name for name in models.available() if models.pipelined(name)]
 # (mesh, pipeline_microbatches, pipeline_repeats, other config): GPipe over the issue's
 # (stage, data) layouts and 1, 4 and 8 microbatches; the circular schedule; and the stages
-# beside fsdp and tensor, with accumulation and remat.
+# beside fsdp and tensor, with accumulation and remat; and in mixed precision.
 CASES = {
   'stage4_data2_m1': ({'stage': 4, 'data': 2}, 1, 1, {}),
   'stage4_data2_m4': ({'stage': 4, 'data': 2}, 4, 1, {}),
@@ -33,6 +33,7 @@ CASES = {
     1,
     {'grad_accum_steps': 2, 'model.remat': 'full'},
   ),
+  'stage4_data2_m4_bf16': ({'stage': 4, 'data': 2}, 4, 1, {'model.dtype': 'bfloat16'}),
 }
 
 
@@ -50,15 +51,17 @@ def config(corpus, family, mesh=None, microbatches=0, repeats=1, **overrides):
   return c
 
 
-_unpipelined: dict[str, tuple] = {}
+_unpipelined: dict[tuple[str, str], tuple] = {}
 
 
-def unpipelined(family, corpus, tmp_path_factory):
-  """(state after one step, its loss, the initial state) on one device, once per family."""
-  if family not in _unpipelined:
-    workdir = tmp_path_factory.mktemp(f'{family}_unpipelined')
-    _unpipelined[family] = one_step(config(corpus, family), workdir)
-  return _unpipelined[family]
+def unpipelined(family, dtype, corpus, tmp_path_factory):
+  """(state after one step, its loss, the initial state) on one device, once per family and
+  compute dtype."""
+  if (family, dtype) not in _unpipelined:
+    workdir = tmp_path_factory.mktemp(f'{family}_{dtype}_unpipelined')
+    cfg = config(corpus, family, **{'model.dtype': dtype})
+    _unpipelined[family, dtype] = one_step(cfg, workdir)
+  return _unpipelined[family, dtype]
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -66,8 +69,9 @@ def unpipelined(family, corpus, tmp_path_factory):
 def test_the_pipelined_step_equals_the_unpipelined_one(
   family, case, corpus, tmp_path, tmp_path_factory
 ):
-  base, base_loss, initial = unpipelined(family, corpus, tmp_path_factory)
   mesh, microbatches, repeats, overrides = CASES[case]
+  dtype = overrides.get('model.dtype', 'float32')
+  base, base_loss, initial = unpipelined(family, dtype, corpus, tmp_path_factory)
   cfg = config(corpus, family, mesh, microbatches, repeats, **overrides)
   state, loss, _ = one_step(cfg, tmp_path, initial)
   assert loss == pytest.approx(base_loss, rel=1e-5)
