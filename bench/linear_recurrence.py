@@ -87,18 +87,6 @@ def models_table(tiny: bool, repeats: int) -> None:
     print(f'| {name} | {params / 1e6:.2f}M | {train:,.0f} | {decode:,.0f} |', flush=True)
 
 
-def sequential(a_BT_, b_BT_, h0_B_):
-  import jax
-  import jax.numpy as jnp
-
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-
-  _, h_TB_ = jax.lax.scan(step, h0_B_, (jnp.moveaxis(a_BT_, 1, 0), jnp.moveaxis(b_BT_, 1, 0)))
-  return jnp.moveaxis(h_TB_, 0, 1)
-
-
 def sequential_selective(u, delta, a_EN, b_BTN, c_BTN, keep, h0, chunk):
   """mamba.selective_scan's recurrence, one position at a time."""
   import jax
@@ -140,7 +128,7 @@ def scans_table(tiny: bool, repeats: int) -> None:
     keep = jnp.ones((B, T), bool)
     h0_EN = jnp.zeros((B, E, N))
     cases = {
-      'affine [B, T, E]': (recurrence.affine_scan, sequential, (a, b, h0)),
+      'affine [B, T, E]': (recurrence.affine_scan, recurrence.sequential_scan, (a, b, h0)),
       'selective [B, T, E, N]': (
         lambda *x: mamba.selective_scan(*x, 256)[0],
         lambda *x: sequential_selective(*x, 256)[0],

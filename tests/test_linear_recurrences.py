@@ -15,17 +15,6 @@ from ar_jax.models import hawk, mamba, minrnn, recurrence
 LENGTHS = (1, 2, 3, 17, 128)
 
 
-def sequential(a_BT_, b_BT_, h0_B_):
-  """h_t = a_t h_{t-1} + b_t, one step at a time."""
-
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-
-  _, h_TB_ = jax.lax.scan(step, h0_B_, (jnp.moveaxis(a_BT_, 1, 0), jnp.moveaxis(b_BT_, 1, 0)))
-  return jnp.moveaxis(h_TB_, 0, 1)
-
-
 def chunked_scan(chunk):
   def run_chunk(h0, ab):
     h = recurrence.affine_scan(*ab, h0)
@@ -36,16 +25,16 @@ def chunked_scan(chunk):
 
 
 def log_space_reference(log_a, log_b, h0):
-  return sequential(jnp.exp(log_a), jnp.exp(log_b), h0)
+  return recurrence.sequential_scan(jnp.exp(log_a), jnp.exp(log_b), h0)
 
 
 # name -> (scan, the sequential scan of the same inputs, whether b may be negative). The
 # log-space scan takes (log a, log b, h0). The chunk size 4 divides 128, 5 divides none
 # of LENGTHS, and lengths up to the chunk run as one piece.
 SCANS = {
-  'affine': (recurrence.affine_scan, sequential, True),
+  'affine': (recurrence.affine_scan, recurrence.sequential_scan, True),
   'log_space': (minrnn.linear_scan, log_space_reference, False),
-  **{f'chunk{c}': (chunked_scan(c), sequential, True) for c in (4, 5)},
+  **{f'chunk{c}': (chunked_scan(c), recurrence.sequential_scan, True) for c in (4, 5)},
 }
 
 

@@ -68,6 +68,18 @@ def affine_scan_grad(a_BT_, h0_B_, h_BT_, dh_BT_):
 _affine_scan.defvjp(_forward, _backward)
 
 
+def sequential_scan(a_BT_, b_BT_, h0_B_):
+  """affine_scan's recurrence one step at a time, by jax.lax.scan: what the parallel scan is
+  tested and timed against."""
+
+  def step(h, ab):
+    h = ab[0] * h + ab[1]
+    return h, h
+
+  _, h_TB_ = jax.lax.scan(step, h0_B_, (jnp.moveaxis(a_BT_, 1, 0), jnp.moveaxis(b_BT_, 1, 0)))
+  return jnp.moveaxis(h_TB_, 0, 1)
+
+
 def chunked(chunk_fn: Callable, xs: Any, h0: Any, chunk: int) -> tuple[Any, Any]:
   """chunk_fn(h, xs_chunk) -> (h after the chunk, ys_chunk), run over the time axis (axis 1
   of every leaf of xs and ys) `chunk` positions at a time, in order, carrying h.
