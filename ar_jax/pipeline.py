@@ -109,7 +109,7 @@ def apply(
   if B % M:
     raise ConfigError(f'a batch of {B} rows does not split into {M} pipeline microbatches')
   # Group v = r S + s holds layers v per .. (v + 1) per - 1.
-  grouped = jax.tree.map(lambda w: _on_stages(w.reshape(R, S, per, *w.shape[1:]), axis=1), params)
+  grouped = jax.tree.map(lambda w: _circular(w, S, R), params)
   split = lambda a: jnp.swapaxes(a.reshape(B // M, M, *a.shape[1:]), 0, 1)  # [M, B / M, ...]
   constrain = lambda a, lead: nn.with_logical_constraint(a, (lead, *names))
   loop = constrain(split(x), None)  # stage 0's next inputs; at the end, the outputs
@@ -135,7 +135,7 @@ def apply(
     # idles (its result is never read: in the bubble's ticks it reaches no output).
     m_S = (t - stage_ids) % M
     r_S = jnp.clip((t - stage_ids) // M, 0, R - 1)
-    w_S = jax.tree.map(lambda w: _on_stages(_select(w, r_S), axis=0), grouped)
+    w_S = jax.tree.map(lambda w: _on_stages(jax.checkpoint(_select)(w, r_S), axis=0), grouped)
     aux_S = jax.tree.map(lambda a: a[m_S], aux)
     out = jax.vmap(run_stage, spmd_axis_name='stage')(w_S, inputs, aux_S, m_S, r_S, stage_ids)
     out = constrain(out, 'stage')
@@ -147,6 +147,37 @@ def apply(
   start = constrain(jnp.zeros((S, *loop.shape[1:]), x.dtype), 'stage')
   (_, loop), _ = jax.lax.scan(tick, (start, loop), jnp.arange(pipeline.ticks))
   return jnp.swapaxes(loop, 0, 1).reshape(x.shape)
+
+
+def _circular(w_L: jax.Array, S: int, R: int) -> jax.Array:
+  """w_L [L, ...], split over the stages in contiguous blocks, as [R, S, L / (S R), ...] with
+  group r S + s on stage s: the circular schedule's layout.
+
+  Stage s holds groups s R .. s R + R - 1 and needs groups s, S + s, ..., (R - 1) S + s. The
+  regrouping is done by collective permutes, pairs of stages exchanging one group each, so
+  every stage sends and receives its own share of the stack; left to XLA, the reshape
+  gathered the whole stack onto every device.
+  """
+  per = w_L.shape[0] // (S * R)
+  if R == 1:
+    return _on_stages(w_L.reshape(1, S, per, *w_L.shape[1:]), axis=1)
+
+  def regroup(local):  # this stage's R blocked groups -> its R circular ones
+    local = local.reshape(R, per, *local.shape[1:])
+    out = []
+    for r in range(R):  # group r S + s comes from stage (r S + s) // R, its slot (r S + s) % R
+      received = 0
+      for j in range(R):
+        pairs = [((r * S + s) // R, s) for s in range(S) if (r * S + s) % R == j]
+        received = received + jax.lax.ppermute(local[j], 'stage', pairs)
+      out.append(received)
+    return jnp.stack(out)
+
+  spec = PartitionSpec('stage')
+  regrouped = jax.shard_map(regroup, in_specs=spec, out_specs=spec, axis_names={'stage'})(w_L)
+  # [S R, per, ...], stage s's R groups in rows s R .. s R + R - 1 -> [R, S, per, ...]
+  regrouped = regrouped.reshape(S, R, per, *w_L.shape[1:])
+  return _on_stages(jnp.swapaxes(regrouped, 0, 1), axis=1)
 
 
 def _on_stages(w: jax.Array, axis: int) -> jax.Array:

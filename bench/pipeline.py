@@ -11,8 +11,9 @@ Simulated devices share the machine's cores, so a stage's idle ticks are not idl
 schedule computes on stand-in inputs in them (results never read) and the time that takes is
 the bubble's, measured as 1 - t(no stages) / t(pipelined). What the formula does not
 explain is printed per tick: the schedule's own work in each tick, which weighs more as
-microbatches shrink. Each layout's
-memory per device is XLA's analysis of its compiled step. Medians of --repeats timings.
+microbatches shrink. Medians of --repeats timings. Then each layout's memory per device
+(XLA's analysis of the compiled step) for the same model at width 512 and batch 8, where the
+parameters and their optimizer state outweigh the activations.
 """
 
 import os
@@ -42,6 +43,8 @@ FLAGS = flags.FLAGS
 
 STAGES = 4
 MICROBATCHES = (4, 8, 16)
+SCHEDULES = (('GPipe', 1), ('circular, 2 repeats', 2))
+WIDE = 512  # the memory table's model width
 
 
 def config(stages: int, microbatches: int, repeats: int, batch: int, seq_len: int):
@@ -63,32 +66,36 @@ def main(argv):
   print(f'{timing.cpu_model()}; {jax.device_count()} simulated devices; jax {jax.__version__}')
   print(f'transformer, 8 layers, batch {batch} x {seq_len}, {steps} steps per timing\n')
 
-  def measure(c):
-    memory = train.compile_only(c, tempfile.mkdtemp(prefix='bench_pipeline_'))
-    seconds = steps * batch * seq_len / timing.ar_jax_rate(c, steps, 1, repeats)
-    return seconds / steps, memory
+  def seconds_per_step(c):
+    return batch * seq_len / timing.ar_jax_rate(c, steps, 1, repeats)
 
-  ideal, ideal_memory = measure(config(1, 1, 1, batch, seq_len))
+  ideal = seconds_per_step(config(1, 1, 1, batch, seq_len))
   columns = ('schedule', 'microbatches', 'step (ms)', 'bubble, measured', '(S-1)/(MR+S-1)')
-  columns += ('beyond the formula, per tick (ms)', 'state + temporaries per device (MiB)')
+  columns += ('beyond the formula, per tick (ms)',)
   print(f'| {" | ".join(columns)} |')
   print('|' + ' --- |' * len(columns))
-
-  def row(name, m, seconds, memory, *figures):
-    mib = (memory['memory/params_and_state_bytes'] + memory['memory/temporaries_bytes']) / 2**20
-    figures = ' | '.join(figures or ('-',) * 3)
-    print(f'| {name} | {m} | {seconds * 1e3:.1f} | {figures} | {mib:.1f} |')
-
-  row('no stages (data=4)', '-', ideal, ideal_memory)
-  for name, r in (('GPipe', 1), ('circular, 2 repeats', 2)):
+  print(f'| no stages (data=4) | - | {ideal * 1e3:.1f} | - | - | - |')
+  for name, r in SCHEDULES:
     for m in MICROBATCHES[:1] if FLAGS.tiny else MICROBATCHES:
-      seconds, memory = measure(config(STAGES, m, r, batch, seq_len))
+      seconds = seconds_per_step(config(STAGES, m, r, batch, seq_len))
       p = pipeline.Pipeline(STAGES, m, r)
       # What the formula leaves unexplained: the step beyond the ideal's work spread over the
       # ticks, per tick (the roll, the loop buffer, the devices meeting at each collective).
       beyond = (seconds - ideal * p.ticks / (m * r)) / p.ticks
-      figures = f'{1 - ideal / seconds:.2f}', f'{p.bubble:.2f}', f'{beyond * 1e3:.1f}'
-      row(name, m, seconds, memory, *figures)
+      figures = f'{1 - ideal / seconds:.2f} | {p.bubble:.2f} | {beyond * 1e3:.1f}'
+      print(f'| {name} | {m} | {seconds * 1e3:.1f} | {figures} |', flush=True)
+
+  print(f'\nmemory per device, d_model {WIDE}, batch 8 x {seq_len} (the parameters dominate):\n')
+  print('| schedule | parameters and optimizer state (MiB) | temporaries (MiB) |')
+  print('| --- | --- | --- |')
+  for name, stages, r in (('no stages (data=4)', 1, 1), *((n, STAGES, r) for n, r in SCHEDULES)):
+    c = config(stages, STAGES if stages > 1 else 1, r, 8, seq_len)
+    c.model.d_model = WIDE
+    memory = train.compile_only(c, tempfile.mkdtemp(prefix='bench_pipeline_'))
+    state, temporaries = (
+      memory[f'memory/{k}_bytes'] / 2**20 for k in ('params_and_state', 'temporaries')
+    )
+    print(f'| {name} | {state:.1f} | {temporaries:.1f} |')
 
 
 if __name__ == '__main__':

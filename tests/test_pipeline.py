@@ -33,6 +33,7 @@ CASES = {
     1,
     {'grad_accum_steps': 2, 'model.remat': 'full'},
   ),
+  'stage2_fsdp2_tensor2_m2_circular2': ({'stage': 2, 'data': 1, 'fsdp': 2, 'tensor': 2}, 2, 2, {}),
   'stage4_data2_m4_bf16': ({'stage': 4, 'data': 2}, 4, 1, {'model.dtype': 'bfloat16'}),
 }
 
