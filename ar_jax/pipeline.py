@@ -24,9 +24,10 @@ parallelism compose with the stages unchanged; a shard_map over 'stage' would ma
 manual code on that axis and leave the others to a partially manual region.
 
 The cost of keeping one parameter layout for every stage count: the circular schedule
-regroups the blocked layers into [R, S, L / (S R)] inside the step, an all-to-all of
-(R - 1) / R of each stage's layer parameters (and of their gradients) per step. A layout
-stored circular would avoid it and tie checkpoints to R.
+regroups the blocked layers into [R, S, L / (S R)] inside the step, by collective permutes
+that move (R - 1) / R of each stage's layer parameters (and their gradients back) every step,
+and holds that copy beside the blocked one. A layout stored circular would avoid both and tie
+checkpoints to R.
 """
 
 import dataclasses

@@ -19,9 +19,8 @@ from ar_jax import sharding
 from ar_jax.errors import ConfigError
 from ar_jax.models import contract
 
-_NOT_MODELS = frozenset(
-  {'bptt', 'cells', 'contract', 'layers', 'recurrence'}
-)  # modules shared by families
+# Modules the families share.
+_NOT_MODELS = frozenset({'bptt', 'cells', 'contract', 'layers', 'recurrence'})
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 
