@@ -80,6 +80,9 @@ class Evaluator:
     between batches, with at most two batches in flight, so a stop request is prompt)."""
     cfg = self.run.config
     sums = []
+    block, blocks = sharding.process_rows(
+      self.run.mesh
+    )  # this process reads that block of the rows
     with sharding.context(self.run.mesh, self.run.rules):
       for tokens in self.run.streams.eval.values():
         for batch, weights in pipeline.eval_batches(
@@ -87,8 +90,8 @@ class Evaluator:
           batch_size=cfg.eval_batch_size or cfg.batch_size,
           seq_len=cfg.data.seq_len,
           max_batches=cfg.eval_batches,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
+          process_index=block,
+          process_count=blocks,
           examples=cfg.data.sampling == 'examples',
         ):
           sums.append(

@@ -69,6 +69,25 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, process: int | None = None, process_of=None) -> tuple[int, int]:
+  """(i, n): the devices of `process` (this one) hold block i of a batch's rows cut into n
+  equal blocks, so it reads those rows. Processes that differ only along 'stage' or 'tensor'
+  hold the same rows: n counts the distinct blocks, not the processes. process_of(device)
+  (device.process_index) is a parameter for tests."""
+  process = jax.process_index() if process is None else process
+  process_of = process_of or (lambda d: d.process_index)
+  dp = data_parallel_size(mesh)
+  shards = batch_sharding(mesh).devices_indices_map((dp,))
+  mine = sorted({index[0].start or 0 for d, index in shards.items() if process_of(d) == process})
+  k = len(mine)
+  check(
+    mine == list(range(mine[0], mine[0] + k)) and mine[0] % k == 0,
+    f'the mesh {dict(mesh.shape)} gives process {process} rows that are not one block of the '
+    f'batch: {k} of its {dp} shards, starting at {mine}',
+  )
+  return mine[0] // k, dp // k
+
+
 def bytes_on(device: jax.Device, tree: Any) -> int:
   """Bytes of the sharded arrays (or ShapeDtypeStructs with shardings) in tree that `device`
   holds."""

@@ -253,14 +253,15 @@ def train_and_evaluate(
   has. A workdir whose history no checkpoint backs is refused unless allow_restart.
   """
   run = workdir_lib.setup(config, workdir)
+  block, blocks = sharding.process_rows(run.mesh)  # this process reads that block of the rows
   batches = pipeline.train_iterator(
     run.streams.train,
     batch_size=config.batch_size,
     seq_len=config.data.seq_len,
     seed=config.seed,
     sampling=config.data.sampling,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    process_index=block,
+    process_count=blocks,
   )
   _check_prompt(run)
   abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)

@@ -19,6 +19,7 @@ import pytest
 from ar_jax import checkpoint, sharding, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
+from ar_jax.errors import ConfigError
 from tests import helpers
 from tests.helpers import REPO, family_config, one_step, read_jsonl, tiny_config
 
@@ -118,6 +119,24 @@ def cli(*args, processes=1, devices=4, timeout=240, logs=None):
       *command,
     ]
   return helpers.run(command, cwd=REPO, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+  'mesh, expected',
+  [
+    ({'stage': 2, 'data': 4}, [(0, 1), (0, 1)]),  # stages across the hosts: every row each
+    ({'data': 8}, [(0, 2), (1, 2)]),  # the batch across them: a half each
+    ({'data': 2, 'fsdp': 4}, [(0, 2), (1, 2)]),
+  ],
+)
+def test_each_process_reads_the_rows_its_devices_hold(mesh, expected):
+  """Two hosts of 4 devices (device ids 0-3 and 4-7): a host reads the block of rows its
+  devices hold, the whole batch where the hosts differ only by pipeline stage."""
+  host = lambda device: device.id // 4
+  grid = sharding.make_mesh(ml_collections.ConfigDict(mesh))
+  assert [sharding.process_rows(grid, p, host) for p in (0, 1)] == expected
+  with pytest.raises(ConfigError, match='not one block'):  # hosts taking every other shard
+    sharding.process_rows(sharding.make_mesh({'data': 8}), 0, lambda device: device.id % 2)
 
 
 def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_path):
