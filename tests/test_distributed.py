@@ -145,6 +145,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
     '--config.num_train_steps=6',
     '--config.mesh.data=-1',
     '--config.checkpoint_every_steps=3',
+    '--config.model.scan_layers=True',  # for the pipelined resume below
   ]
   # Two processes whose data axis spans them as two slices of 2 devices (multi-slice): the
   # processes and the slices at once.
@@ -160,14 +161,17 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
   np.testing.assert_allclose(losses(tmp_path / 'two'), losses(tmp_path / 'one'), rtol=1e-6)
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['3', '6']
 
-  # A damaged latest step: both processes find it, process 0 alone moves it aside.
+  # A damaged latest step: both processes find it, process 0 alone moves it aside. The run
+  # resumes from step 3 with the processes as two pipeline stages instead: each holds one of
+  # the two layers, and both read every row.
   for path in (tmp_path / 'two' / 'checkpoints' / '6').rglob('*'):
     if path.is_file():
       path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
   logs = tmp_path / 'logs'
   resume = ['--config.num_train_steps=8', f'--workdir={tmp_path / "two"}', '--verbosity=0']
-  out = cli(*args, *resume, processes=2, logs=logs)
+  out = cli(*args, *resume, '--config.mesh.dcn_stage=2', processes=2, logs=logs)
   assert out.returncode == 0, out.stderr[-3000:]
+  np.testing.assert_allclose(losses(tmp_path / 'two')[3:6], losses(tmp_path / 'one')[3:], rtol=1e-5)
   for i in (0, 1):  # an explicit --verbosity keeps every process's INFO, in its own log
     assert 'resumed from the checkpoint at step 3' in (logs / f'process_{i}.log').read_text()
   assert 'FileNotFoundError' not in out.stderr
