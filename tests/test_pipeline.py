@@ -65,8 +65,17 @@ def unpipelined(family, dtype, corpus, tmp_path_factory):
   return _unpipelined[family, dtype]
 
 
-@pytest.mark.parametrize('family', FAMILIES)
-@pytest.mark.parametrize('case', CASES)
+# Every case for every family but one: the circular regrouping beside fsdp and tensor moves
+# whole layers whatever they hold, so the transformer's (which tensor splits) checks it.
+PIPELINED = [
+  (f, c)
+  for f in FAMILIES
+  for c in CASES
+  if f == 'transformer' or c != 'stage2_fsdp2_tensor2_m2_circular2'
+]
+
+
+@pytest.mark.parametrize('family, case', PIPELINED)
 def test_the_pipelined_step_equals_the_unpipelined_one(
   family, case, corpus, tmp_path, tmp_path_factory
 ):
