@@ -18,9 +18,7 @@ within one run much less.
 """
 
 import pathlib
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -41,36 +39,6 @@ FLAGS = flags.FLAGS
 MODELS = ('rnn', 'lstm', 'gru', 'mingru', 'minlstm', 'hawk', 'mamba')
 
 
-def median_seconds(fn, repeats: int) -> float:
-  import jax
-
-  jax.block_until_ready(fn())  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def decoding_rate(config, new_tokens: int, repeats: int) -> float:
-  import jax
-  import jax.numpy as jnp
-
-  from ar_jax import decoding, models
-
-  model = models.get_model(config.model, 65)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-  prompt = jnp.zeros((1, 1), jnp.int32)
-
-  def run():
-    return decoding.generate(
-      model, params, prompt, new_tokens, jax.random.key(0), temperature=0.0
-    ).tokens
-
-  return new_tokens / median_seconds(run, repeats)
-
-
 def models_table(tiny: bool, repeats: int) -> None:
   from ar_jax import models
   from experiments import compare_families
@@ -83,7 +51,7 @@ def models_table(tiny: bool, repeats: int) -> None:
       c.batch_size, c.data.seq_len = 2, 16
     params = models.size(c.model, 65, c.data.seq_len)[0]
     train = timing.ar_jax_rate(c, steps, steps, repeats)
-    decode = decoding_rate(c, new_tokens, repeats)
+    decode = timing.decoding_rate(c, new_tokens, repeats)
     print(f'| {name} | {params / 1e6:.2f}M | {train:,.0f} | {decode:,.0f} |', flush=True)
 
 
@@ -141,7 +109,7 @@ def scans_table(tiny: bool, repeats: int) -> None:
         # Gradients with respect to the float inputs (the keep mask is not one).
         argnums = tuple(i for i, x in enumerate(args) if x.dtype != bool)
         grad = jax.jit(jax.grad(lambda *x, f=scan: f(*x).sum(), argnums=argnums))
-        rates.append(B * T / median_seconds(lambda g=grad, x=args: g(*x), repeats))
+        rates.append(B * T / timing.median_seconds(lambda g=grad, x=args: g(*x), repeats))
       print(f'| {name} | {T:,} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f}x |')
 
 

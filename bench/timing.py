@@ -1,5 +1,6 @@
-"""What the benchmarks against PyTorch share: the machine's name, and ar_jax's training
-throughput through its own trainer (bench/vs_pytorch.py on CPU, bench/gpu.py on a GPU)."""
+"""What the benchmarks share: the machine's name, ar_jax's training throughput through its
+own trainer (bench/vs_pytorch.py on CPU, bench/gpu.py on a GPU, and the model benchmarks),
+medians of timed calls, and decoding speed."""
 
 import os
 import platform
@@ -63,3 +64,36 @@ def ar_jax_rate(config, steps: int, per_dispatch: int, repeats: int) -> float:
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   return steps // per_dispatch * per_dispatch * B * T / statistics.median(times)
+
+
+def median_seconds(fn, repeats: int) -> float:
+  """The median seconds of `repeats` calls of fn, after one that compiles."""
+  import jax
+
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def decoding_rate(config, new_tokens: int, repeats: int) -> float:
+  """Greedy decoding's new tokens/s for config's model (65 characters): new_tokens after a
+  one-token prompt, batch 1, from the cache."""
+  import jax
+  import jax.numpy as jnp
+
+  from ar_jax import decoding, models
+
+  model = models.get_model(config.model, 65)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  prompt = jnp.zeros((1, 1), jnp.int32)
+
+  def run():
+    return decoding.generate(
+      model, params, prompt, new_tokens, jax.random.key(0), temperature=0.0
+    ).tokens
+
+  return new_tokens / median_seconds(run, repeats)
