@@ -6,7 +6,8 @@ at matched parameters and at matched FLOPs, sized and configured as that study t
 For each: training tokens/s through the trainer's compiled step (12 x 64 windows of random
 characters, 50 steps per dispatch), the train step's memory per device (XLA's analysis, its
 total as ar_jax.study's report gives it), and greedy decoding tokens/s (256 new
-tokens after a one-token prompt, batch 1, from the cache). The study's runs record the same
+tokens after a one-token prompt, batch 1, from the cache; 63 for the transformer, whose
+context is the 64-character window, as the runs' own samples are). The study's runs record the same
 while they train, on whatever else the machine is doing; this measures them one at a time,
 for the study's table. Medians of --repeats timings.
 """

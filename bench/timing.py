@@ -81,13 +81,14 @@ def median_seconds(fn, repeats: int) -> float:
 
 def decoding_rate(config, new_tokens: int, repeats: int) -> float:
   """Greedy decoding's new tokens/s for config's model (65 characters): new_tokens after a
-  one-token prompt, batch 1, from the cache."""
+  one-token prompt (fewer where the model's context ends sooner), batch 1, from the cache."""
   import jax
   import jax.numpy as jnp
 
   from ar_jax import decoding, models
 
   model = models.get_model(config.model, 65)
+  new_tokens = min(new_tokens, model.max_len - 1) if model.max_len else new_tokens
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   prompt = jnp.zeros((1, 1), jnp.int32)
 
