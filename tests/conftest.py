@@ -36,6 +36,12 @@ atexit.register(kill_started)
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
+def pytest_collection_modifyitems(items):
+  """Tests marked slow (20 s or more on two cores) first, in their order: the tests a worker
+  runs last are then short, and the two workers finish together."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
 @pytest.fixture(autouse=True)
 def _kill_what_the_test_started():
   """Every process a test starts (tests.helpers.start, run) is killed when it ends."""

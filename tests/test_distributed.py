@@ -68,6 +68,7 @@ MEMORY_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', MEMORY_MODELS)
 def test_fsdp_splits_the_state_of_recurrent_and_conv_models(text_file, tmp_path, model):
   """Trained 3 steps with fsdp=8, a device holds at most 1/6 of the parameters and optimizer
@@ -139,6 +140,7 @@ def test_each_process_reads_the_rows_its_devices_hold(mesh, expected):
     sharding.process_rows(sharding.make_mesh({'data': 8}), 0, lambda device: device.id % 2)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_path):
   args = [
     f'--config=tests/faults/run_config.py:{text_file}',
@@ -179,6 +181,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(text_file, tmp_pa
   assert [p.split('.')[0] for p in moved] == ['6']
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others(text_file, tmp_path):
   command = [
     sys.executable,

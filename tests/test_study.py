@@ -87,6 +87,7 @@ def test_print_and_slurm_runners_list_the_unfinished_runs(corpus, tmp_path):
   assert (tmp_path / 'sweep_commands.txt').read_text().splitlines() == commands
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(corpus, tmp_path):
   root = tmp_path / 'study'
   first = launch(root)

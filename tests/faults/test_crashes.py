@@ -111,6 +111,7 @@ DIVERGE = (
 )
 
 
+@pytest.mark.slow
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
   out = run(corpus, tmp_path, *DIVERGE, '--config.checkpoint_every_steps=1', check=False)
   one_line_error(out)
@@ -160,6 +161,7 @@ def small_filesystem(path: pathlib.Path, options: str):
     subprocess.run(['umount', '-l', str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_before_a_save_stops_there_in_one_line(corpus, tmp_path):
   """The disk fills up between two checkpoints (dd, another job): the save at step 40
   finds no room, the run stops there, and the checkpoint at step 20 is intact."""
