@@ -23,13 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import timing  # noqa: E402
 
-flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
-flags.DEFINE_string(
-  'text',
-  str(REPO.parent / 'shared/data/tinyshakespeare/input.txt'),
-  "Corpus for the models' vocabulary.",
-)
-flags.DEFINE_bool('tiny', False, 'A few steps on small windows: checks that the script runs.')
+timing.define_flags('A few steps on small windows')
 FLAGS = flags.FLAGS
 
 

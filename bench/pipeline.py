@@ -32,13 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import timing  # noqa: E402
 
-flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
-flags.DEFINE_string(
-  'text',
-  str(REPO.parent / 'shared/data/tinyshakespeare/input.txt'),
-  "Corpus for the model's vocabulary.",
-)
-flags.DEFINE_bool('tiny', False, 'Small batches and one timing: checks that the script runs.')
+timing.define_flags('Small batches and one timing')
 FLAGS = flags.FLAGS
 
 STAGES = 4

@@ -3,12 +3,25 @@ own trainer (bench/vs_pytorch.py on CPU, bench/gpu.py on a GPU, and the model be
 medians of timed calls, and decoding speed."""
 
 import os
+import pathlib
 import platform
 import statistics
 import tempfile
 import time
 
 import numpy as np
+from absl import flags
+
+# tiny shakespeare in the shared data beside the repository (char-rnn's input.txt)
+TEXT = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/tinyshakespeare/input.txt'
+
+
+def define_flags(tiny: str) -> None:
+  """The flags the model benchmarks share: --repeats, --text (the corpus whose characters
+  are the vocabulary) and --tiny, whose help is `tiny` (what the script shrinks)."""
+  flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
+  flags.DEFINE_string('text', str(TEXT), "Corpus for the models' vocabulary.")
+  flags.DEFINE_bool('tiny', False, f'{tiny}: checks that the script runs.')
 
 
 def cpu_model() -> str:
