@@ -51,10 +51,17 @@ SIZES = {
 }
 GRIDS = {  # sizes x budgets (training FLOPs, 6ND)
   'small': (('10k', '20k', '33k', '68k'), ('3e10', '1e11', '3e11', '1e12')),
-  'medium': (('68k', '164k', '468k', '820k', '1.6M'), ('3e11', '1e12', '3e12', '1e13')),
+  'medium': (
+    ('20k', '33k', '68k', '164k', '468k', '820k', '1.6M'),
+    ('3e11', '1e12', '3e12', '1e13'),
+  ),
   'full': (('164k', '468k', '820k', '1.6M', '4.8M', '9.9M'), ('1e12', '3e12', '1e13', '3e13')),
 }
 MIN_STEPS = 60  # fewer steps than this is mostly warmup: such a (size, budget) is left out
+# Nor a run past this many tokens per parameter: far past its budget's compute optimum (about
+# 20 at scale, Hoffmann et al. 2022; 40 to 110 for these transformers), it costs the most time
+# and tells the fit the least.
+MAX_TOKENS_PER_PARAM = 2000
 STEPS_PER_DISPATCH = 20  # small steps: the dispatch overhead matters on CPU
 FAMILIES = ('transformer', 'lstm', 'hawk')  # family=all
 CHOICES = {
@@ -133,7 +140,9 @@ def sweep(add, arg):
   for family in FAMILIES if every else (args['family'],):
     for budget in budgets:
       for size in sizes:
-        if steps(model_config(family, size), budget) >= MIN_STEPS:
+        model = model_config(family, size)
+        n, count = models.size(model, VOCAB, 64)[0], steps(model, budget)
+        if count >= MIN_STEPS and count * TOKENS_PER_STEP <= MAX_TOKENS_PER_PARAM * n:
           add(**({'family': family} if every else {}), size=size, budget=budget)
 
 

@@ -42,6 +42,7 @@ def test_scaling_grid_spends_each_budget_with_at_least_three_sizes(arg):
       n = models.size(c.model, scaling.VOCAB, c.data.seq_len)[0]
       tokens = c.num_train_steps * c.batch_size * c.data.seq_len
       assert c.num_train_steps >= scaling.MIN_STEPS
+      assert tokens <= scaling.MAX_TOKENS_PER_PARAM * n
       assert 6 * n * tokens == pytest.approx(float(budget), rel=0.05)
 
 
