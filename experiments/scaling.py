@@ -14,13 +14,14 @@ bootstrap intervals, the IsoFLOP parabolas and the compute-optimal N*(C), D*(C) 
 (ar_jax/scaling.py). N counts every parameter, embeddings included; C is recorded both as 6ND
 and exactly (the model's own FLOP count), each labelled.
 
-Arg keys: grid=small (minutes on a 2-core CPU per family), medium (30 to 45 minutes) or full
-(hours), family=transformer, lstm, hawk, mamba (widths solved to the transformer's sizes) or
-all (the transformer, the LSTM and Hawk; each run names its family; the report fits each
-family's law and sets their frontiers and exponents side by side), and size, budget (set by
-the sweep). Mamba is not in all: its selective state (d_state = 16 numbers per channel) makes
-its runs about ten times as long on a CPU as the others' at the same 6ND budget (its FLOPs
-are mostly the scan's, which 6N does not count), so it cannot share their budgets there.
+Arg keys: grid=small (minutes on a 2-core CPU per family), medium (22 to 40 minutes a family
+on one core) or full (hours), family=transformer, lstm, hawk, mamba (widths solved to the
+transformer's sizes) or all (the transformer, the LSTM and Hawk; each run names its family;
+the report fits each family's law and sets their frontiers and exponents side by side), and
+size, budget (set by the sweep). Mamba is not in all: its selective state (d_state = 16
+numbers per channel) makes its runs about ten times as long on a CPU as the others' at the
+same 6ND budget (its FLOPs are mostly the scan's, which 6N does not count), so it cannot
+share their budgets there.
 """
 
 import copy
