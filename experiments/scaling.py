@@ -60,8 +60,8 @@ GRIDS = {  # sizes x budgets (training FLOPs, 6ND)
 }
 MIN_STEPS = 60  # fewer steps than this is mostly warmup: such a (size, budget) is left out
 # Nor a run past this many tokens per parameter: far past its budget's compute optimum (about
-# 20 at scale, Hoffmann et al. 2022; 40 to 110 for these transformers), it costs the most time
-# and tells the fit the least.
+# 20 at scale, Hoffmann et al. 2022; 50 to 110 for these transformers at 1e12 to 1e13 FLOPs),
+# it costs the most time and tells the fit the least.
 MAX_TOKENS_PER_PARAM = 2000
 STEPS_PER_DISPATCH = 20  # small steps: the dispatch overhead matters on CPU
 FAMILIES = ('transformer', 'lstm', 'hawk')  # family=all
@@ -94,7 +94,7 @@ def _model_config(family: str, size: str):
     c.cell = 'lstm'
     c.num_layers = max(1, layers // 2)
     c.d_embed = width
-  elif family == 'hawk':  # a block per layer: its recurrence and MLP branches, as a layer's
+  elif family == 'hawk':  # a layer per layer: as in the transformer, time mixing, then an MLP
     c = models.default_config('hawk')
     c.num_layers = layers
   else:  # Mamba: two blocks per transformer layer (a block has about half a layer's weights)
