@@ -75,6 +75,7 @@ def logged_steps(workdir) -> list[int]:
   return [r['step'] for r in read_jsonl(path) if 'train/loss' in r] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_quickstart_on_two_tasks_is_stopped_by_sigterm_and_resumes_when_requeued(cluster, tmp_path):
   workdir, out = tmp_path / 'quickstart', tmp_path / 'job.out'
   shorter = [
@@ -121,6 +122,7 @@ def test_quickstart_on_two_tasks_is_stopped_by_sigterm_and_resumes_when_requeued
   assert logged_steps(workdir)[-1] == QUICKSTART_STEPS
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_as_a_job_array(cluster, tmp_path, text_file):
   env = {**cluster, 'AR_JAX_TEST_CORPUS': str(text_file)}
   root = tmp_path / 'study'
