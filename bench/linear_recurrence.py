@@ -1,18 +1,11 @@
-"""The recurrent models on one machine: every recurrent family at the nanogpt_cpu
-transformer's 0.8M parameters, and the parallel scans against the same recurrences run one
-step at a time.
+"""The parallel scans against the same recurrences run one step at a time, forward and
+backward: h_t = a_t h_{t-1} + b_t over [8, T, 512] by recurrence.affine_scan against
+jax.lax.scan one step at a time, and Mamba's chunked selective scan (E 512, N 16, chunks of
+256) against a lax.scan of the same recurrence, at T = 128 and 1,024, as tokens (batch x T)
+per second. Each model's own training and decoding speed is bench/families.py's.
 
-  python bench/linear_recurrence.py [--repeats=5] [--text=PATH] [--tiny]
+  python bench/linear_recurrence.py [--repeats=5] [--tiny]
 
-1. Each model as experiments/compare_families.py sizes it (model=...,match=params): training
-   tokens/s through the trainer's compiled step (12 x 64 windows of random characters, as
-   the nanogpt_cpu preset), and decoding tokens/s (greedy, 256 new tokens after a one-token
-   prompt, batch 1, from the cache). The Elman RNN, LSTM and GRU step through time; minGRU,
-   minLSTM, Hawk and Mamba scan in parallel.
-2. The scans alone, forward and backward: h_t = a_t h_{t-1} + b_t over [8, T, 512] by
-   recurrence.affine_scan against jax.lax.scan one step at a time, and Mamba's chunked
-   selective scan (E 512, N 16, chunks of 256) against a lax.scan of the same recurrence,
-   at T = 128 and 1,024, as tokens (batch x T) per second.
 Medians of --repeats timings; absolute figures move with the machine's load, the ratios
 within one run much less.
 """
@@ -27,26 +20,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import timing  # noqa: E402
 
-timing.define_flags('A few steps and small scans')
+timing.define_flags('Small scans', corpus=False)
 FLAGS = flags.FLAGS
-
-MODELS = ('rnn', 'lstm', 'gru', 'mingru', 'minlstm', 'hawk', 'mamba')
-
-
-def models_table(tiny: bool, repeats: int) -> None:
-  from ar_jax import models
-  from experiments import compare_families
-
-  steps, new_tokens = (2, 8) if tiny else (50, 256)
-  print('| model | parameters | train tokens/s | decode tokens/s |\n| --- | --- | --- | --- |')
-  for name in MODELS:
-    c = compare_families.get_config(f'model={name},match=params,text={FLAGS.text}')
-    if tiny:
-      c.batch_size, c.data.seq_len = 2, 16
-    params = models.size(c.model, 65, c.data.seq_len)[0]
-    train = timing.ar_jax_rate(c, steps, steps, repeats)
-    decode = timing.decoding_rate(c, new_tokens, repeats)
-    print(f'| {name} | {params / 1e6:.2f}M | {train:,.0f} | {decode:,.0f} |', flush=True)
 
 
 def sequential_selective(u, delta, a_EN, b_BTN, c_BTN, keep, h0, chunk):
@@ -76,7 +51,7 @@ def scans_table(tiny: bool, repeats: int) -> None:
   from ar_jax.models import mamba, recurrence
 
   B, E, N = (2, 16, 4) if tiny else (8, 512, 16)
-  print('\n| scan | T | parallel tokens/s | sequential tokens/s | parallel / sequential |')
+  print('| scan | T | parallel tokens/s | sequential tokens/s | parallel / sequential |')
   print('| --- | --- | --- | --- | --- |')
   for T in (128, 1024):
     keys = jax.random.split(jax.random.key(T), 6)
@@ -112,7 +87,6 @@ def main(argv):
   import jax
 
   print(f'# {timing.cpu_model()}; {jax.devices()[0].device_kind}; repeats {FLAGS.repeats}\n')
-  models_table(FLAGS.tiny, FLAGS.repeats)
   scans_table(FLAGS.tiny, FLAGS.repeats)
 
 

@@ -16,11 +16,13 @@ from absl import flags
 TEXT = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/tinyshakespeare/input.txt'
 
 
-def define_flags(tiny: str) -> None:
-  """The flags the model benchmarks share: --repeats, --text (the corpus whose characters
-  are the vocabulary) and --tiny, whose help is `tiny` (what the script shrinks)."""
+def define_flags(tiny: str, corpus: bool = True) -> None:
+  """The flags the benchmarks share: --repeats, --tiny, whose help is `tiny` (what the
+  script shrinks), and, where models are built (corpus), --text: the corpus whose characters
+  are the vocabulary."""
   flags.DEFINE_integer('repeats', 5, 'Timings per figure; the median is reported.')
-  flags.DEFINE_string('text', str(TEXT), "Corpus for the models' vocabulary.")
+  if corpus:
+    flags.DEFINE_string('text', str(TEXT), "Corpus for the models' vocabulary.")
   flags.DEFINE_bool('tiny', False, f'{tiny}: checks that the script runs.')
 
 
