@@ -8,7 +8,7 @@ import pytest
 from ar_jax import models, train
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
-from experiments import compare_families, sampling, scaling
+from experiments import compare_families, sampling, scaling, sizing
 from tests import helpers
 from tests.helpers import REPO, tiny_config
 
@@ -29,6 +29,23 @@ def test_families_are_matched_to_the_transformer(match, which):
   runs = declared(compare_families)
   assert len(runs) == 3 * (10 + 9)  # the transformer is the reference of both matchings
   assert {r['seed'] for r in runs} == {0, 1, 2}
+
+
+def test_a_solved_width_is_the_nearest_to_its_target():
+  """The quadratic guess and the bisection beside it land on the best width, also for targets
+  far from the probes' sizes and beyond the largest width."""
+  model = compare_families.get_config('model=lstm,steps=8').model
+
+  def size(width):
+    sizing.set_width(model, width)
+    return models.size(model, 65, 64)[0]
+
+  for target in (2e3, 8e5, 1e12):
+    sizing.match_width(model, target, 0, 65, 64)
+    width = model.d_hidden
+    errors = {w: abs(size(w) - target) for w in (width - 1, width, width + 1) if 1 <= w <= 4096}
+    assert errors[width] == min(errors.values()), (target, errors)
+  assert width == 4096
 
 
 # Solving a recurrent family's widths takes seconds: the medium grid is checked at the
