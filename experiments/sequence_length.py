@@ -78,6 +78,8 @@ def report(runs, plots_dir):
       ax.set_ylabel(label)
       ax.grid(alpha=0.3)
   axes[0].legend()
+  for ax in axes[1:]:  # the families' speeds and memory each span more than a factor of ten
+    ax.set_yscale('log')
   plots.save(fig, f'{plots_dir}/sequence_length.png')
   body = [
     [
