@@ -77,7 +77,7 @@ def model_config(family: str, size: str):
   return copy.deepcopy(_model_config(family, size))
 
 
-@functools.cache  # solving a width takes a second or two, and a sweep asks for each many times
+@functools.cache  # solving a width takes up to a second, and a sweep asks for each many times
 def _model_config(family: str, size: str):
   layers, width, heads = SIZES[size]
   c = defaults().model
@@ -94,7 +94,7 @@ def _model_config(family: str, size: str):
     c.cell = 'lstm'
     c.num_layers = max(1, layers // 2)
     c.d_embed = width
-  elif family == 'hawk':  # a layer per layer: as in the transformer, time mixing, then an MLP
+  elif family == 'hawk':  # a block per transformer layer: each mixes over time, then an MLP
     c = models.default_config('hawk')
     c.num_layers = layers
   else:  # Mamba: two blocks per transformer layer (a block has about half a layer's weights)

@@ -7,7 +7,7 @@ import numpy as np
 from ar_jax import models
 
 _PROBES = (32, 128, 512)  # widths a quadratic fit of the size is read from
-_MAX_WIDTH = 4096
+MAX_WIDTH = 4096  # the widest a width is solved to
 
 
 def match_width(model, target: float, which: int, vocab_size: int, seq_len: int) -> None:
@@ -32,11 +32,11 @@ def match_width(model, target: float, which: int, vocab_size: int, seq_len: int)
   guess = round((-b + math.sqrt(max(b * b - 4 * a * (c - target), 0.0))) / (2 * a))
   # The guess is the answer or next to it (for every model here), so bisect [guess - 1,
   # guess + 1]; should the guess be further off, the bisection runs on to the bound.
-  low, high = min(max(guess - 1, 1), _MAX_WIDTH - 1), min(max(guess + 1, 2), _MAX_WIDTH)
+  low, high = min(max(guess - 1, 1), MAX_WIDTH - 1), min(max(guess + 1, 2), MAX_WIDTH)
   if measure(low) >= target:
     low = 1
   if measure(high) < target:
-    high = _MAX_WIDTH
+    high = MAX_WIDTH
   while high - low > 1:
     mid = (low + high) // 2
     low, high = (mid, high) if measure(mid) < target else (low, mid)

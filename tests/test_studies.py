@@ -43,9 +43,10 @@ def test_a_solved_width_is_the_nearest_to_its_target():
   for target in (2e3, 8e5, 1e12):
     sizing.match_width(model, target, 0, 65, 64)
     width = model.d_hidden
-    errors = {w: abs(size(w) - target) for w in (width - 1, width, width + 1) if 1 <= w <= 4096}
+    neighbours = [w for w in (width - 1, width, width + 1) if 1 <= w <= sizing.MAX_WIDTH]
+    errors = {w: abs(size(w) - target) for w in neighbours}
     assert errors[width] == min(errors.values()), (target, errors)
-  assert width == 4096
+  assert width == sizing.MAX_WIDTH
 
 
 # Solving a recurrent family's widths takes seconds: the medium grid is checked at the
