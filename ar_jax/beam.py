@@ -153,8 +153,13 @@ def _search(
     )
 
     new_B = t + 1 - lengths_B
-    if early_stopping:  # a prompt with W finished hypotheses takes no more
-      ends_BK &= (beams.finished.scores[:, -1] == -jnp.inf)[:, None]
+    if early_stopping:
+      # As Hugging Face's BeamSearchScorer: an ending candidate finishes only if it ranks
+      # among the top W of the 2W, and a prompt with W finished hypotheses takes no more.
+      # (The exact search lets any ending candidate finish: more can only find better.)
+      top_w_K = jnp.arange(ends_BK.shape[1]) < W
+      open_B1 = (beams.finished.scores[:, -1] == -jnp.inf)[:, None]
+      ends_BK &= top_w_K & open_B1
     penalty_B = length_penalty(new_B, alpha, kind)
     ended_BK = jnp.where(ends_BK, candidates_BK / penalty_B[:, None], -jnp.inf)
     pool = Generation(

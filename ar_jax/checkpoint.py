@@ -34,13 +34,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ar_jax import checksums
 from ar_jax.errors import RunError
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
 UNREADABLE = '.unreadable'
-# How tensorstore, orbax and json say that a file is missing, cut short or undecodable.
-_DAMAGE = ('DATA_LOSS', 'NOT_FOUND', 'FAILED_PRECONDITION: Error reading', 'Truncated', 'corrupt')
+# How tensorstore, orbax and json say that a file is missing, cut short or undecodable. A
+# byte range past a file's end (OUT_OF_RANGE) is a data file cut short: shapes that do not
+# match the config are found before any byte is read (_check_matches).
+_DAMAGE = (
+  'DATA_LOSS',
+  'NOT_FOUND',
+  'OUT_OF_RANGE',
+  'FAILED_PRECONDITION: Error reading',
+  'Truncated',
+  'corrupt',
+)
 _DAMAGE_TYPES = (json.JSONDecodeError, FileNotFoundError, KeyError, UnicodeDecodeError)
 
 
@@ -55,7 +65,11 @@ class Mismatch(RunError):
 class Checkpointer:
   """A workdir's checkpoints/ folder; a context manager that closes it on every exit path."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 1, async_save: bool = True):
+  def __init__(
+    self, workdir: str, *, max_to_keep: int = 1, async_save: bool = True, reader: bool = False
+  ):
+    """reader=True: restores only, and leaves the folder as it is, a save that a trainer has
+    in flight included (the trainer holds the workdir's lock: its debris is its own)."""
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     with _without_orbax_logs():  # it reads every step's metadata: damage is reported later
       self._manager = ocp.CheckpointManager(
@@ -64,7 +78,8 @@ class Checkpointer:
           max_to_keep=max_to_keep,
           enable_async_checkpointing=async_save,
           create=False,  # made by the first save: nothing is written while a run is checked
-          cleanup_tmp_directories=True,
+          cleanup_tmp_directories=not reader,
+          read_only=reader,
         ),
         item_handlers={  # named, so that a step's metadata can be read without restoring it
           'state': ocp.StandardCheckpointHandler(),
@@ -97,7 +112,10 @@ class Checkpointer:
     return sorted(n for n in os.listdir(self.directory) if UNREADABLE in n)
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Starts writing (asynchronously when enabled); check() or wait() sees it complete."""
+    """Starts writing (asynchronously when enabled); check() or wait() sees it complete. The
+    meta records a checksum of every array and of the data state, which restores verify."""
+    sums = {'checksums': checksums.of(state), 'data_checksum': checksums.of_json(data_state)}
+    meta = {**meta, **sums}
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
@@ -154,7 +172,10 @@ class Checkpointer:
       _check_matches(step, saved, wanted, self.directory)
       try:
         if params_only:
-          return self._read_params(step, wanted)['params'], {}, {}
+          params = self._read_params(step, wanted)
+          meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+          _verify(step, {'params': params['params']}, {}, meta.meta)
+          return params['params'], {}, {}
         restored = self._manager.restore(
           step,
           args=ocp.args.Composite(
@@ -165,6 +186,7 @@ class Checkpointer:
         )
       except Exception as e:
         raise _classified(step, e, self.directory) from e
+      _verify(step, restored.state, restored.data, restored.meta)
     return restored.state, restored.data, restored.meta
 
   def _read_params(self, step: int, wanted: dict) -> dict:
@@ -281,6 +303,24 @@ def _check_matches(step: int, saved: Any, abstract: Any, directory: str) -> None
       "with (its config.json; an optimizer or model change alters the state's shapes), or "
       'start this config in a new workdir'
     )
+
+
+def _verify(step: int, state: Any, data_state: dict, meta: dict) -> None:
+  """Raises Damaged when a restored array or the data state is not what was saved (a byte
+  changed on disk: tensorstore reads raw array chunks without checking them). Checkpoints
+  written before checksums were recorded are not checked."""
+  saved = meta.get('checksums')
+  if saved is None:
+    return
+  found = checksums.of(state)
+  differ = sorted(k for k, v in found.items() if saved.get(k) != v)
+  if differ:
+    raise Damaged(
+      f'the checkpoint at step {step} cannot be read (its data differ from what was saved: '
+      f'{len(differ)} arrays fail their checksums, {", ".join(differ[:3])})'
+    )
+  if data_state and meta.get('data_checksum') not in (None, checksums.of_json(data_state)):
+    raise Damaged(f'the checkpoint at step {step} cannot be read (its data state was changed)')
 
 
 def _agreed(restore, step: int):

@@ -50,15 +50,16 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
   if top_p < 1.0:
-    # Tokens by rank (ties by token id), so the kept set is exactly the smallest whose
-    # probability reaches p: a threshold on the value would keep every token tied with the
-    # last one kept (all 50 of a uniform 50 at p = 0.1, not 5).
+    # Tokens by rank, ties by token id (the lower first), so the kept set is exactly the
+    # smallest whose probability reaches p: a threshold on the value would keep every token
+    # tied with the last one kept (all 50 of a uniform 50 at p = 0.1, not 5 or 6).
     order_BV = jnp.argsort(-logits_BV, axis=-1, stable=True)
     probs_BV = jax.nn.softmax(jnp.take_along_axis(logits_BV, order_BV, axis=-1), axis=-1)
-    # Keep a token while the probability of the tokens ranked above it is still below p
-    # (by more than float32's rounding of the sum: five of 50 equal tokens reach 0.1).
-    keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p * (1.0 - 1e-6)
-    keep_BV = jnp.take_along_axis(keep_BV, jnp.argsort(order_BV, axis=-1), axis=-1)
+    # Keep a token while the probability of the tokens ranked above it is below p, as the
+    # definition (and Hugging Face's TopPLogitsWarper) says: the sums are float32's, so a
+    # mass within its rounding (about 1e-7) of p may go either way, and none further.
+    above_BV = jnp.pad(jnp.cumsum(probs_BV, axis=-1)[:, :-1], ((0, 0), (1, 0)))
+    keep_BV = jnp.take_along_axis(above_BV < top_p, jnp.argsort(order_BV, axis=-1), axis=-1)
     logits_BV = jnp.where(keep_BV, logits_BV, -jnp.inf)
   return logits_BV
 

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import checkpoint, train, workdir
+from ar_jax import checkpoint, hf_files, lock, train, workdir
 from ar_jax import state as state_lib
 from ar_jax.errors import ConfigError, check
 
@@ -30,8 +30,12 @@ def read_config(hf_dir: str) -> dict:
   exactly."""
   path = os.path.join(hf_dir, 'config.json')
   check(os.path.isfile(path), f'{hf_dir} is not a Hugging Face model directory: no config.json')
-  with open(path) as f:
-    hf = json.load(f)
+  try:
+    with open(path, 'rb') as f:
+      hf = json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is not a JSON file ({e})') from e
+  check(isinstance(hf, dict), f'{path} holds a JSON {type(hf).__name__}, not an object')
   archs = hf.get('architectures') or [f'model_type={hf.get("model_type")!r}']
   check(
     ARCHITECTURE in archs or (hf.get('architectures') is None and hf.get('model_type') == 'gpt2'),
@@ -46,7 +50,43 @@ def read_config(hf_dir: str) -> dict:
   }
   for name, (value, allowed) in unsupported.items():
     check(value in allowed, f'{path}: {name}={value!r}; ar_jax computes only {allowed}')
+  for name in ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head'):
+    value = hf.get(name)
+    check(
+      isinstance(value, int) and not isinstance(value, bool) and value > 0,
+      f'{path}: {name}={value!r}; it must be a positive integer',
+    )
   return hf
+
+
+def experiment_config(hf_dir: str, data: str = '') -> ml_collections.ConfigDict:
+  """The run config for fine-tuning hf_dir's model (experiments/hf_gpt2.py, and
+  ar_jax.convert --from_hf without --config): the model from its config.json, tokens by its
+  tokenizer.json, on `data` (a directory, file or glob of text, JSONL or Parquet files;
+  default the embedded corpus of Python source)."""
+  from ar_jax.config import defaults  # here: config imports the models, as this module does
+
+  hf = read_config(hf_dir)
+  c = defaults()
+  c.model.update(model_fields(hf))
+  c.model.dropout = 0.0
+  c.data.tokenizer = 'bpe'
+  c.data.tokenizer_path = os.path.join(hf_dir, 'tokenizer.json')
+  c.data.invalid_utf8 = 'skip'  # BPE reads text: the embedded corpus's 4 non-UTF-8 files go
+  if data:
+    c.data.name = 'files'
+    c.data.path = data
+  c.data.seq_len = min(256, hf['n_positions'])
+  # Fine-tuning: a small batch and learning rate, a short warmup, few steps.
+  c.batch_size = 8
+  c.num_train_steps = 500
+  c.optim.learning_rate = 1e-4
+  c.optim.min_learning_rate = 1e-5
+  c.optim.warmup_steps = 50
+  c.eval_every_steps = 250
+  c.eval_batches = 20
+  c.checkpoint_every_steps = 250
+  return c
 
 
 def model_fields(hf: dict) -> dict:
@@ -133,35 +173,50 @@ def _flat(params) -> dict[str, object]:
   return flat
 
 
-def _safetensors():
-  try:
-    import safetensors.numpy
-  except ImportError as e:
-    raise ConfigError("Hugging Face checkpoints need safetensors: pip install -e '.[hf]'") from e
-  return safetensors.numpy
+def _named(tensors: dict) -> dict:
+  """GPT2LMHeadModel's names (GPT2Model's lack 'transformer.'), buffers left out."""
+  return {
+    k if k.startswith(PREFIXES) else f'transformer.{k}': v
+    for k, v in tensors.items()
+    if not k.endswith(IGNORED_SUFFIXES)
+  }
+
+
+def tensor_shapes(hf_dir: str) -> dict[str, tuple[int, ...]]:
+  """Every tensor's shape by its GPT2LMHeadModel name, from the files' headers alone."""
+  return _named(hf_files.tensor_shapes(hf_dir))
 
 
 def read_weights(hf_dir: str) -> dict[str, np.ndarray]:
   """GPT-2's tensors by their GPT2LMHeadModel names, as float32 numpy arrays."""
-  files = sorted(f for f in os.listdir(hf_dir) if f.endswith('.safetensors'))
-  if files:
-    tensors = {}
-    for name in files:
-      tensors.update(_safetensors().load_file(os.path.join(hf_dir, name)))
-  elif os.path.isfile(bin_path := os.path.join(hf_dir, 'pytorch_model.bin')):
-    try:
-      import torch
-    except ImportError as e:
-      raise ConfigError(f'{bin_path} needs PyTorch to read (or save it as safetensors)') from e
-    loaded = torch.load(bin_path, map_location='cpu', weights_only=True)
-    tensors = {k: v.float().numpy() for k, v in loaded.items()}
-  else:
-    raise ConfigError(f'{hf_dir} has no weights: no *.safetensors, no pytorch_model.bin')
-  return {
-    k if k.startswith(PREFIXES) else f'transformer.{k}': np.asarray(v, np.float32)
-    for k, v in tensors.items()
-    if not k.endswith(IGNORED_SUFFIXES)
+  return {k: np.asarray(v, np.float32) for k, v in _named(hf_files.read_tensors(hf_dir)).items()}
+
+
+def check_sizes(hf: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+  """config.json's sizes against the weights' shapes, before any model is built from it: a
+  config that names more layers or a wider model than its weights hold is refused here, not
+  after minutes of building it."""
+  layers = {int(k.split('.')[2]) for k in shapes if k.startswith('transformer.h.')}
+  check(
+    layers == set(range(len(layers))) and hf.get('n_layer') == len(layers),
+    f'{where}: config.json has n_layer={hf.get("n_layer")}; the weights hold {len(layers)} layers',
+  )
+  implied = {
+    'transformer.wte.weight': (hf.get('vocab_size'), hf.get('n_embd')),
+    'transformer.wpe.weight': (hf.get('n_positions'), hf.get('n_embd')),
   }
+  if layers:
+    implied['transformer.h.0.mlp.c_fc.weight'] = (
+      hf.get('n_embd'),
+      hf.get('n_inner') or 4 * (hf.get('n_embd') or 0),
+    )
+  for name, expected in implied.items():
+    check(name in shapes, f'{where}: the weights have no tensor {name}')
+    check(
+      tuple(shapes[name]) == expected,
+      f'{where}: {name} has shape {tuple(shapes[name])}; config.json implies {expected}: the '
+      'checkpoint and its config disagree',
+    )
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], model_cfg, abstract_params):
@@ -219,6 +274,7 @@ def to_hf_config(model_cfg, vocab_size: int, eos_id: int | None) -> dict:
 def import_run(hf_dir: str, config: ml_collections.ConfigDict, run_dir: str) -> None:
   """Writes run_dir as ar_jax.main would at step 0, with hf_dir's weights."""
   hf = read_config(hf_dir)
+  check_sizes(hf, tensor_shapes(hf_dir), hf_dir)
   wanted = model_fields(hf)
   differ = {k: (config.model.get(k), v) for k, v in wanted.items() if config.model.get(k) != v}
   check(not differ, f'config.model differs from {hf_dir}/config.json: {differ}')
@@ -236,16 +292,19 @@ def import_run(hf_dir: str, config: ml_collections.ConfigDict, run_dir: str) -> 
   params = params_from_hf(read_weights(hf_dir), run.model.config, abstract.params)
   state = train.init_state(run, shardings)
   state = state.replace(params=jax.device_put(params, shardings.params))
-  workdir.prepare(run_dir, config, run.tokenizer, restart=False)
-  with checkpoint.Checkpointer(run_dir) as ckpt:
+  with lock.held(run_dir, 'an import (ar_jax.convert)'), checkpoint.Checkpointer(run_dir) as ckpt:
+    workdir.prepare(run_dir, config, run.tokenizer, restart=False)
     ckpt.save(0, state, {}, train.checkpoint_meta(run))  # {}: no data read yet
     ckpt.wait()
 
 
-def export_run(run_dir: str, out: str) -> None:
-  """Writes out/config.json, out/model.safetensors and the run's tokenizer."""
+def export_run(run_dir: str, out: str, overwrite: bool = False) -> None:
+  """Writes out/config.json, out/model.safetensors and the run's tokenizer: into a new folder
+  beside `out`, renamed to `out` when whole. An existing `out` must be empty, or is replaced
+  with `overwrite`; a run directory (a workdir) never is."""
   path = os.path.join(run_dir, 'config.json')
   check(os.path.isfile(path), f'{run_dir} is not a run directory: it has no config.json')
+  hf_files.check_export_target(out, overwrite)
   with open(path) as f:
     model_cfg = json.load(f)['model']
   check(
@@ -261,19 +320,22 @@ def export_run(run_dir: str, out: str) -> None:
     + "; export supports GPT-2's architecture: model.name='transformer', "
     "pos_encoding='learned', use_bias=True",
   )
-  save_file = _safetensors().save_file
+  save_file = hf_files.safetensors().save_file
   model, params, tokenizer, _ = workdir.load(run_dir)
   names = _names(model.config)
   tensors = {
     names[k][0]: np.ascontiguousarray(_from_ar_jax(np.asarray(v, np.float32), names[k][1]))
     for k, v in _flat(jax.device_get(nn.unbox(params))).items()
   }
-  os.makedirs(out, exist_ok=True)
-  save_file(tensors, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(to_hf_config(model.config, tokenizer.vocab_size, tokenizer.eos_id), f, indent=2)
-  if getattr(tokenizer, 'kind', None) == 'bpe':
-    with open(os.path.join(out, 'tokenizer.json'), 'w') as f:
-      f.write(tokenizer.model)
-  else:  # a character, byte or SentencePiece vocabulary has no tokenizer.json of GPT-2's kind
-    tokenizer.save(os.path.join(out, 'ar_jax_tokenizer.json'))
+
+  def write(folder):
+    save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+      json.dump(to_hf_config(model.config, tokenizer.vocab_size, tokenizer.eos_id), f, indent=2)
+    if getattr(tokenizer, 'kind', None) == 'bpe':
+      with open(os.path.join(folder, 'tokenizer.json'), 'w') as f:
+        f.write(tokenizer.model)
+    else:  # a character, byte or SentencePiece vocabulary has no tokenizer.json of GPT-2's kind
+      tokenizer.save(os.path.join(folder, 'ar_jax_tokenizer.json'))
+
+  hf_files.write_whole(out, write)

@@ -230,18 +230,20 @@ def write_report(root: str, experiment_path: str | None = None) -> str:
   """ROOT/study.csv, ROOT/report.md and ROOT/plots/*.png; returns the report's path.
 
   The experiment file's report() runs as code: by default the file sweep.json names, which
-  must lie inside the current directory (a study root copied from elsewhere cannot make this
-  run its code); experiment_path names the file to run instead.
+  must resolve (links followed) inside the current directory and outside the study root, so
+  a study root copied from elsewhere cannot make this run its code; experiment_path names
+  the file to run instead.
   """
   config_arg = manifest(root)['config']
   if experiment_path is None:
     experiment_path = config_arg.partition(':')[0]
-    here = os.getcwd()
+    real, here = os.path.realpath(experiment_path), os.path.realpath(os.getcwd())
+    inside = lambda folder: os.path.commonpath([real, folder]) == folder
     check(
-      os.path.commonpath([os.path.abspath(experiment_path), here]) == here,
-      f'{root}/sweep.json names the experiment {experiment_path}, outside the current '
-      f'directory {here}; the report runs its code, so name the file to run explicitly: '
-      '--experiment=PATH',
+      inside(here) and not inside(os.path.realpath(root)),
+      f'{root}/sweep.json names the experiment {experiment_path} ({real}), '
+      + ('inside the study root' if inside(here) else f'outside the current directory {here}')
+      + '; the report runs its code, so name the file to run explicitly: --experiment=PATH',
     )
   runs = load(root)
   metric = primary_metric(runs)

@@ -20,6 +20,7 @@ from ar_jax import (
   decoding,
   evaluation,
   finite,
+  lock,
   preemption,
   profiling,
   progress,
@@ -265,7 +266,10 @@ def train_and_evaluate(
   )
   _check_prompt(run)
   abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
-  with checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints) as ckpt:
+  with (
+    lock.held(workdir) as workdir_lock,  # before anything is written, debris cleaned included
+    checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints) as ckpt,
+  ):
     restored = workdir_lib.restore(ckpt, abstract, config, workdir, reader=False)
     restart = restored is None and workdir_lib.check_fresh_start(
       workdir, ckpt.moved_aside(), allow_restart
@@ -313,6 +317,8 @@ def train_and_evaluate(
           trace.after(step, state)
           at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
           ckpt.check()  # a background save that failed stops the run here
+          if workdir_lock is not None:
+            workdir_lock.check()  # a lock lost (a long stall on a shared filesystem)
           stopped = stop.requested()
           if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
             # Nothing reaches a checkpoint or the log before it is known to be finite.

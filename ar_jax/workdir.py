@@ -322,7 +322,7 @@ def restore(ckpt: checkpoint.Checkpointer, abstract, config, workdir: str, reade
 def read_params(workdir: str, abstract_params: Any, config) -> tuple[int, Any]:
   """(step, parameters) of the newest readable checkpoint, for a reader: damaged steps are
   skipped with a warning and left where they are."""
-  with checkpoint.Checkpointer(workdir) as ckpt:
+  with checkpoint.Checkpointer(workdir, reader=True) as ckpt:
     restored = restore(ckpt, abstract_params, config, workdir, reader=True)
     steps = ckpt.steps()
   if restored is None:

@@ -236,6 +236,72 @@ def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
   np.testing.assert_allclose(early.scores[0], [log_p[h] / len(h) ** alpha for h in found], 1e-5)
 
 
+def next_log_probs(model, params, prompt, new: int, width: int) -> dict:
+  """log p(next token | prompt + prefix) for every prefix of fewer than `new` tokens, from the
+  full forward."""
+  vocab = model.config.vocab_size
+  every = np.array(list(itertools.product(range(vocab), repeat=new - 1)))
+  tokens = np.zeros((len(every), width), np.int32)
+  tokens[:, : len(prompt)], tokens[:, len(prompt) : len(prompt) + new - 1] = prompt, every
+  log_p = np.asarray(log_softmax_forward(model, params, tokens), np.float64)
+  return {
+    tuple(row[:i]): log_p[r, len(prompt) - 1 + i] for r, row in enumerate(every) for i in range(new)
+  }
+
+
+def hf_early_stopping(next_log_p: dict, W: int, new: int, eos: int, alpha: float, top_w=True):
+  """Hugging Face's beam search with early_stopping=True, written out from its
+  _beam_search: 2W candidates a step; an ending one (eos, or the last step) is finished
+  only if it ranks in the top W (top_w) and the prompt has fewer than W finished; the W best
+  that do not end go on; it stops once W have finished. Returns [(score, hypothesis)]."""
+  running, finished = [((), 0.0)] + [((), -1e9)] * (W - 1), []
+  for t in range(new):
+    candidates = sorted(
+      ((score + lp, (*h, v)) for h, score in running for v, lp in enumerate(next_log_p[h])),
+      key=lambda c: -c[0],
+    )[: 2 * W]
+    ends = [v[-1] == eos or t + 1 == new for _, v in candidates]
+    if len(finished) < W:
+      finished += [
+        (score / (t + 1) ** alpha, h)
+        for rank, ((score, h), end) in enumerate(zip(candidates, ends, strict=True))
+        if end and (rank < W or not top_w)
+      ]
+      finished = sorted(finished, key=lambda f: -f[0])[:W]
+    running = [(h, score) for (score, h), end in zip(candidates, ends, strict=True) if not end]
+    running = running[:W]
+    if len(finished) == W:
+      break
+  return finished
+
+
+def test_early_stopping_finishes_only_the_top_w_candidates_as_hugging_face():
+  """Against Hugging Face's rule written out (hf_early_stopping) on random models with a
+  likely eos: the same hypotheses and scores; and in some of them the rule matters (letting
+  any of the 2W candidates finish returns others)."""
+  eos, new, W, alpha, differs = 4, 4, 2, 1.0, 0
+  for seed in range(12):
+    model, params = random_model('transformer', 5, seed=seed)
+    next_log_p = next_log_probs(model, params, [1], new, 1 + new)
+    expected = hf_early_stopping(next_log_p, W, new, eos, alpha)
+    differs += expected != hf_early_stopping(next_log_p, W, new, eos, alpha, top_w=False)
+    beams = beam.search(
+      model,
+      params,
+      np.array([[1]]),
+      new,
+      beam_size=W,
+      length_penalty_alpha=alpha,
+      length_penalty_kind='hf',
+      early_stopping=True,
+      eos_id=eos,
+    )
+    found = [tuple(np.asarray(beams.tokens)[0, w, 1 : beams.lengths[0, w]]) for w in range(W)]
+    assert found == [h for _, h in expected], seed
+    np.testing.assert_allclose(beams.scores[0], [s for s, _ in expected], rtol=1e-5)
+  assert differs > 0, 'no case where the top-W rule changes the result: too easy'
+
+
 def filtered_probs(logits, temperature, top_k, top_p):
   """The distribution sampling should draw from, computed here with numpy alone."""
   z = np.asarray(logits, np.float64) / temperature
@@ -289,10 +355,42 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
 
 
 def test_top_p_breaks_ties_by_rank():
-  """Uniform over 50 tokens at p = 0.1: the smallest set reaching p is 5 tokens, not all 50
-  tied with the fifth."""
-  filtered = np.asarray(decoding.filter_logits(jnp.zeros((1, 50)), 1.0, 0, 0.1))
-  assert np.isfinite(filtered).sum() == 5
+  """Uniform over 64 tokens at p = 0.125 (sums of 1/64 are exact in float32): the smallest
+  set reaching p is the 8 lowest token ids, not all 64 tied with the eighth."""
+  filtered = np.asarray(decoding.filter_logits(jnp.zeros((1, 64)), 1.0, 0, 0.125))
+  np.testing.assert_array_equal(np.flatnonzero(np.isfinite(filtered[0])), np.arange(8))
+
+
+def top_p_reference(probs_RV: np.ndarray, p: float) -> np.ndarray:
+  """The definition in float64: by probability (ties by token id), keep a token while the
+  mass of those ranked above it is below p. Also returns each row's smallest distance from p
+  of such a mass."""
+  order = np.argsort(-probs_RV, axis=-1, kind='stable')
+  ranked = np.take_along_axis(probs_RV, order, axis=-1)
+  above = np.cumsum(ranked, axis=-1) - ranked
+  keep = np.zeros_like(probs_RV, bool)
+  np.put_along_axis(keep, order, above < p, axis=-1)
+  return keep, np.abs(above - p).min(axis=-1)
+
+
+def test_top_p_equals_the_definition_at_its_boundary():
+  """Random rows against the float64 definition, and rows built so that the mass above a
+  token falls 1e-6 and 5e-7 under p (as measured against Hugging Face's warper at p = 0.95,
+  temperature 1.7): that token is kept. Rows within float32's rounding of the boundary (a
+  sum off by about 1e-7) are left out of the random comparison."""
+  p, temperature = 0.95, 1.7
+  logits_RV = np.random.default_rng(0).normal(0, 3, (8192, 32)).astype(np.float32)
+  kept = np.isfinite(np.asarray(decoding.filter_logits(jnp.asarray(logits_RV), temperature, 0, p)))
+  probs_RV = np.asarray(jax.nn.softmax(jnp.asarray(logits_RV) / temperature), np.float64)
+  expected, margin = top_p_reference(probs_RV, p)
+  clear = margin > 1e-6
+  assert clear.mean() > 0.99
+  np.testing.assert_array_equal(kept[clear], expected[clear])
+  for below in (1e-6, 5e-7):
+    q = p - below  # the first token's mass: just under p, so the second must be kept too
+    edge = jnp.log(jnp.array([[q, (1 - q) * 0.7, (1 - q) * 0.3]]))
+    filtered = np.asarray(decoding.filter_logits(edge, 1.0, 0, p))
+    np.testing.assert_array_equal(np.isfinite(filtered[0]), [True, True, False])
 
 
 def test_temperature_scales_before_top_k():

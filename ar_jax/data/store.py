@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ar_jax.data import sources, tokenizers
-from ar_jax.errors import ConfigError, check
+from ar_jax.errors import ConfigError, RunError, check
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,16 @@ def describe(tok: tokenizers.AnyTokenizer) -> str:
 
 class Tokens:
   """One split's token stream, in shards (memory-mapped files, or one in-memory array),
-  read by windows and never whole."""
+  read by windows and never whole.
 
-  def __init__(self, shards: Sequence[np.ndarray]):
+  A store's shards are checked as they are read: a token id outside the vocabulary (a shard
+  changed after it was prepared) is named with its shard, not left to become a NaN loss."""
+
+  def __init__(self, shards: Sequence[np.ndarray], vocab_size: int = 0, names: Sequence[str] = ()):
     self.shards = list(shards)
     self.ends = np.cumsum([len(s) for s in self.shards], dtype=np.int64)
+    self.vocab_size = vocab_size  # 0: not checked (tokenized in memory by this process)
+    self.names = list(names)
 
   def __len__(self) -> int:
     return int(self.ends[-1]) if len(self.ends) else 0
@@ -83,9 +89,19 @@ class Tokens:
         k = int(np.searchsorted(self.ends, pos, side='right'))
         offset = pos - (self.ends[k] - len(self.shards[k]))
         piece = self.shards[k][offset : offset + length - filled]
+        if self.vocab_size and len(piece) and piece.max() >= self.vocab_size:
+          self._out_of_vocabulary(k, offset, piece)
         out[r, filled : filled + len(piece)] = piece
         filled, pos = filled + len(piece), pos + len(piece)
     return out
+
+  def _out_of_vocabulary(self, k: int, offset: int, piece: np.ndarray):
+    at = int(np.argmax(piece >= self.vocab_size))
+    raise RunError(
+      f'{self.names[k] if self.names else f"shard {k}"} holds token id {int(piece[at])} at '
+      f"offset {offset + at}, outside the tokenizer's {self.vocab_size} tokens: it was "
+      'changed after it was prepared. Prepare the store again'
+    )
 
 
 def as_tokens(stream: 'Tokens | np.ndarray') -> Tokens:
@@ -93,10 +109,18 @@ def as_tokens(stream: 'Tokens | np.ndarray') -> Tokens:
 
 
 def open_split(path: str, split: str, manifest: dict) -> Tokens:
-  """The memory-mapped shards of one split, each checked against the manifest's count."""
-  shards = []
+  """The memory-mapped shards of one split, each checked against the manifest's count and
+  largest token id (the ids themselves are checked as they are read)."""
+  vocab = manifest['tokenizer']['vocab_size']
+  shards, names = [], []
   for shard in manifest['splits'][split]['shards']:
+    check(
+      shard.get('max_id', 0) < vocab,
+      f'store {path}: shard {shard["file"]} holds token ids up to {shard.get("max_id")}, '
+      f"outside the tokenizer's {vocab} tokens. Prepare the store again",
+    )
     file = os.path.join(path, shard['file'])
+    names.append(f'store {path}: shard {shard["file"]}')
     try:
       tokens = np.load(file, mmap_mode='r')
     except (OSError, ValueError) as e:
@@ -110,7 +134,7 @@ def open_split(path: str, split: str, manifest: dict) -> Tokens:
       f'{shard["tokens"]}. Prepare the store again',
     )
     shards.append(tokens)
-  return Tokens(shards)
+  return Tokens(shards, vocab, names)
 
 
 def read_manifest(path: str) -> dict | None:
@@ -126,13 +150,33 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def _atomic(path: str, write) -> None:
-  """Writes path through a temporary file, synced, then renamed: whole or absent."""
+  """Writes path through a temporary file, synced, then renamed: whole or absent. A write
+  that fails (a full disk) removes its temporary file and says so in one line."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    folder = os.path.dirname(os.path.abspath(path))
+    free = ''
+    with contextlib.suppress(OSError):
+      free = f'; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free there'
+    raise RunError(
+      f'writing {path} failed ({e.strerror or e}){free}. Free space (or fix the path) and run '
+      'the same prepare again: it keeps the shards it finished'
+    ) from None
+
+
+def _save(f, array: np.ndarray) -> None:
+  """np.save's .npy file, written through Python's file object: a full disk is then an
+  OSError that says so (numpy's own write reports only a short count)."""
+  np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+  f.write(np.ascontiguousarray(array).tobytes())
 
 
 def prepare(
@@ -149,6 +193,9 @@ def prepare(
   half-written store saved, or config.data's (trained on the training split if need be)."""
   check(num_workers >= 1, f'--num_workers must be at least 1, got {num_workers}')
   os.makedirs(out, exist_ok=True)
+  for name in os.listdir(out):  # what a prepare killed mid-write left
+    if name.endswith('.tmp'):
+      os.remove(os.path.join(out, name))
   tokenizer_file = os.path.join(out, 'tokenizer.json')
   if tokenizer is None and os.path.exists(tokenizer_file):
     tokenizer = tokenizers.load(tokenizer_file)
@@ -260,6 +307,8 @@ def _prepare_split(data, out, split, pool, num_workers, shard_bytes) -> dict:
     if os.path.exists(f'{stem}.json'):  # finished by an earlier prepare
       with open(f'{stem}.json') as f:
         done[index] = json.load(f)
+      if 'max_id' not in done[index]:  # written before shards recorded it
+        done[index]['max_id'] = int(np.load(f'{stem}.tokens.npy', mmap_mode='r').max(initial=0))
       continue
     if pool is None:
       future = concurrent.futures.Future()
@@ -285,7 +334,9 @@ def _prepare_split(data, out, split, pool, num_workers, shard_bytes) -> dict:
     'bytes': sum(s['bytes'] for s in shards),
     'longest_document': int(lengths.max(initial=0)),
     'skipped_documents': sum(len(s['skipped']) for s in shards),
-    'shards': [{k: s[k] for k in ('file', 'tokens', 'documents', 'bytes')} for s in shards],
+    'shards': [
+      {k: s[k] for k in ('file', 'tokens', 'max_id', 'documents', 'bytes')} for s in shards
+    ],
   }
 
 
@@ -320,13 +371,14 @@ def write_shard(out, split, name, invalid_utf8, index, first_document, chunks) -
   tok = _tokenizer(os.path.join(out, 'tokenizer.json'))
   encoded = tokenizers.encode(tok, chunks, name, invalid_utf8, first_document)
   stem = f'{split}-{index:05d}'
-  _atomic(os.path.join(out, f'{stem}.tokens.npy'), lambda f: np.save(f, encoded.tokens))
-  _atomic(os.path.join(out, f'{stem}.ends.npy'), lambda f: np.save(f, encoded.ends))
+  _atomic(os.path.join(out, f'{stem}.tokens.npy'), lambda f: _save(f, encoded.tokens))
+  _atomic(os.path.join(out, f'{stem}.ends.npy'), lambda f: _save(f, encoded.ends))
   shard = {
     'index': index,
     'file': f'{stem}.tokens.npy',
     'ends': f'{stem}.ends.npy',
     'tokens': len(encoded.tokens),
+    'max_id': int(encoded.tokens.max(initial=0)),
     'documents': len(encoded.ends),
     'bytes': sum(len(text) for text, _ in chunks),
     'skipped': list(encoded.skipped),

@@ -2,12 +2,9 @@
 evaluation), NaN, a full disk, an unwritable workdir. Each case runs the real command line in
 a subprocess and checks that nothing is lost and the loss trajectory is the uninterrupted one."""
 
-import contextlib
-import pathlib
 import random
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
@@ -148,21 +145,8 @@ def test_unwritable_workdir_fails_before_training(corpus, tmp_path):
   assert 'is not writable' in out.stderr and 'step 1' not in out.stderr
 
 
-@contextlib.contextmanager
-def small_filesystem(path: pathlib.Path, options: str):
-  """A real filesystem of limited size at path (tmpfs), unmounted when the block ends."""
-  path.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)])
-  if mounted.returncode != 0:
-    pytest.skip('mounting a small tmpfs (a real full disk) needs root')
-  try:
-    yield path
-  finally:
-    subprocess.run(['umount', '-l', str(path)], check=True)
-
-
 @pytest.mark.slow
-def test_full_disk_before_a_save_stops_there_in_one_line(corpus, tmp_path):
+def test_full_disk_before_a_save_stops_there_in_one_line(corpus, tmp_path, small_filesystem):
   """The disk fills up between two checkpoints (dd, another job): the save at step 40
   finds no room, the run stops there, and the checkpoint at step 20 is intact."""
   with small_filesystem(tmp_path / 'disk', 'size=2M') as disk:
@@ -181,7 +165,9 @@ def test_full_disk_before_a_save_stops_there_in_one_line(corpus, tmp_path):
     assert steps_on_disk(disk / 'run')[-1] == 60
 
 
-def test_full_disk_during_a_background_save_stops_before_the_next_save(corpus, tmp_path):
+def test_full_disk_during_a_background_save_stops_before_the_next_save(
+  corpus, tmp_path, small_filesystem
+):
   """Room for the bytes but not the files (inodes run out): the save at step 40 fails, in
   the background while training goes on or as it starts; the run stops at a step boundary
   before the next save, in one line, and exits within seconds (orbax leaves threads waiting
