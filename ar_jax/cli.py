@@ -56,7 +56,7 @@ def _compilation_cache() -> None:
   Programs that compile in under 0.5 s are not kept."""
   import jax
 
-  from ar_jax import flops
+  from ar_jax.monitor import flops
 
   if jax.config.jax_compilation_cache_dir is None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(flops.CACHE_DIR, 'jax'))

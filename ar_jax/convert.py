@@ -20,8 +20,9 @@ refused unless --overwrite, and a run directory always is.
 from absl import app, flags
 from ml_collections import config_flags
 
-from ar_jax import cli, hf
+from ar_jax import cli
 from ar_jax.errors import check
+from ar_jax.interop import hf
 
 flags.DEFINE_string('from_hf', None, 'A Hugging Face GPT-2-architecture model directory to import.')
 flags.DEFINE_string('to_hf', None, 'A directory to export the run to, for Hugging Face.')

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ar_jax import metrics, sharding, state, workdir
-from ar_jax.data import pipeline
+from ar_jax import metrics, state, workdir
+from ar_jax import run as run_lib
+from ar_jax.data import batches
+from ar_jax.parallel import sharding
 
 
 @jax.custom_vjp
@@ -55,7 +57,7 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=
   """Sums over a batch: negative log-likelihood (nats), predicted tokens, and their bytes.
   With packed_eos, each document in a window sees only itself (see train.train_step)."""
   inputs_BT = batch_BT[:, :-1]
-  packed = pipeline.segments(inputs_BT, packed_eos)
+  packed = batches.segments(inputs_BT, packed_eos)
   logits_BTV = model.apply({'params': params}, inputs_BT, **packed)
   nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
   nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)
@@ -65,7 +67,7 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=
 class Evaluator:
   """The compiled eval step of one run, over its eval splits."""
 
-  def __init__(self, run: workdir.Run, params_shardings):
+  def __init__(self, run: run_lib.Run, params_shardings):
     self.run = run
     self.batch_sharding = sharding.batch_sharding(run.mesh)
     self._eval = jax.jit(
@@ -85,7 +87,7 @@ class Evaluator:
     )  # this process reads that block of the rows
     with sharding.context(self.run.mesh, self.run.rules):
       for tokens in self.run.streams.eval.values():
-        for batch, weights in pipeline.eval_batches(
+        for batch, weights in batches.eval_batches(
           tokens,
           batch_size=cfg.eval_batch_size or cfg.batch_size,
           seq_len=cfg.data.seq_len,
@@ -131,7 +133,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, path: str) -> dict[str, 
   """Evaluates the latest readable checkpoint of the workdir at path on config's eval splits,
   through the run's tokenizer. config.data may name other data than the run trained on
   (domain transfer); config.model must be the run's."""
-  run = workdir.setup(config, path, defining=('model',), train=False)
+  run = run_lib.setup(config, path, defining=('model',), train=False)
   abstract, shardings = state.abstract_state(run.model, run.tx, run.mesh, config)
   step, params = workdir.read_params(path, abstract.params, config)
   return {'step': float(step), **Evaluator(run, shardings.params).evaluate(params)}

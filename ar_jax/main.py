@@ -7,7 +7,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ar_jax import cli, distributed, evaluation, train
+from ar_jax import cli, evaluation, train
+from ar_jax.parallel import distributed
 
 config_flags.DEFINE_config_file('config', None, 'experiments/NAME.py[:ARG]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory of the run: checkpoints, metrics, samples.')

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ar_jax import beam, cli, decoding, workdir
+from ar_jax import cli, decode, workdir
 from ar_jax.data.sources import decode_utf8
 from ar_jax.errors import check
 
@@ -85,7 +85,7 @@ def continuations(f: flags.FlagValues, model, params, tokenizer, prompts: list[s
   common = dict(prompt_lengths=lengths, eos_id=tokenizer.eos_id)
   if f.beam_size > 1:
     check(n_samples <= f.beam_size, f'--num_samples={n_samples} exceeds --beam_size={f.beam_size}')
-    out = beam.search(
+    out = decode.search(
       model,
       params,
       prompts_BP,
@@ -98,7 +98,7 @@ def continuations(f: flags.FlagValues, model, params, tokenizer, prompts: list[s
     )
     out = jax.tree.map(lambda a: a[:, :n_samples], out)
   else:
-    out = decoding.generate(
+    out = decode.generate(
       model,
       params,
       prompts_BP,

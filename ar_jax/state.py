@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ar_jax import models, sharding
+from ar_jax import models
+from ar_jax.parallel import sharding
 
 
 @flax.struct.dataclass

@@ -15,23 +15,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from ar_jax import (
-  checkpoint,
-  decoding,
-  evaluation,
-  finite,
-  lock,
-  preemption,
-  profiling,
-  progress,
-  scheduled_sampling,
-  sharding,
-  writers,
-)
+from ar_jax import decode, evaluation, finite, preemption, scheduled_sampling
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
-from ar_jax.data import pipeline
+from ar_jax.data import batches
 from ar_jax.errors import ConfigError, check
+from ar_jax.monitor import profiling, progress, writers
+from ar_jax.parallel import sharding
+from ar_jax.workdir import checkpoint, lock
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 
@@ -70,7 +62,7 @@ def train_step(
 
     inputs_BT = micro_BT[:, :-1]
     # The cached step (recurrent models) resets its state at eos without being told.
-    packed = pipeline.segments(inputs_BT, packed_eos)
+    packed = batches.segments(inputs_BT, packed_eos)
     if eps is not None and model.sequential:  # exact, one step at a time
       cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
       step = lambda t_B1, c, t: apply(
@@ -134,14 +126,14 @@ def train_steps(state: state_lib.TrainState, batches_KBT: jax.Array, **step_kwar
   return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches_KBT)
 
 
-def init_state(run: workdir_lib.Run, shardings: state_lib.TrainState) -> state_lib.TrainState:
+def init_state(run: run_lib.Run, shardings: state_lib.TrainState) -> state_lib.TrainState:
   """Parameters created directly in their shards: no device ever holds a full replica."""
   init = state_lib.init_fn(run.model, run.tx, run.config, unbox=True)
   with sharding.context(run.mesh, run.rules):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.seed))
 
 
-def checkpoint_meta(run: workdir_lib.Run) -> dict:
+def checkpoint_meta(run: run_lib.Run) -> dict:
   """What a checkpoint records of its run besides the state: the config and tokenizer."""
   config = json.loads(run.config.to_json())
   return {'config': config, 'tokenizer': dataclasses.asdict(run.tokenizer)}
@@ -150,7 +142,7 @@ def checkpoint_meta(run: workdir_lib.Run) -> dict:
 class Trainer:
   """The compiled train dispatch of one run."""
 
-  def __init__(self, run: workdir_lib.Run, shardings: state_lib.TrainState):
+  def __init__(self, run: run_lib.Run, shardings: state_lib.TrainState):
     self.run = run
     self.stacked_sharding = sharding.batch_sharding(run.mesh, leading_dims=1)
     self.jitted_train = jax.jit(
@@ -174,8 +166,8 @@ class Trainer:
     self._compiled: dict[int, Any] = {}
 
   def train(self, state: state_lib.TrainState, local_batches_KBT: np.ndarray):
-    batches = sharding.global_batch(local_batches_KBT, self.stacked_sharding)
-    return self.compile(state, batches)(state, batches)
+    global_KBT = sharding.global_batch(local_batches_KBT, self.stacked_sharding)
+    return self.compile(state, global_KBT)(state, global_KBT)
 
   def compile(self, state: state_lib.TrainState, batches_KBT: Any):
     """The train dispatch for these (concrete or abstract) operands, compiled once per K."""
@@ -216,7 +208,7 @@ def chunk_sizes(start: int, config: ml_collections.ConfigDict, marks=()) -> list
   return sizes
 
 
-def write_sample(run: workdir_lib.Run, params: Any, step: int) -> tuple[str, float]:
+def write_sample(run: run_lib.Run, params: Any, step: int) -> tuple[str, float]:
   """A continuation of config.sample.prompt, printed and appended to samples.txt, and the
   decoding speed in new tokens per second (a second, timed call: the first compiles)."""
   s = run.config.sample
@@ -224,7 +216,7 @@ def write_sample(run: workdir_lib.Run, params: Any, step: int) -> tuple[str, flo
   room = (run.model.max_len or math.inf) - len(prompt)
   new_tokens = int(min(s.max_new_tokens, room))
   generate = functools.partial(
-    decoding.generate,
+    decode.generate,
     run.model,
     params,
     prompt[None, :],
@@ -253,9 +245,9 @@ def train_and_evaluate(
   dispatch (or evaluation batch) finishes, a checkpoint is written, and it returns what it
   has. A workdir whose history no checkpoint backs is refused unless allow_restart.
   """
-  run = workdir_lib.setup(config, workdir)
+  run = run_lib.setup(config, workdir)
   block, blocks = sharding.process_rows(run.mesh)  # this process reads that block of the rows
-  batches = pipeline.train_iterator(
+  stream = batches.train_iterator(
     run.streams.train,
     batch_size=config.batch_size,
     seq_len=config.data.seq_len,
@@ -281,7 +273,7 @@ def train_and_evaluate(
     else:
       saved_step, state, data_state, saved_meta = restored
       if data_state:  # an imported checkpoint (ar_jax.convert) has read no data yet
-        batches.set_state(data_state)
+        stream.set_state(data_state)
       eval_pending = saved_meta.get('eval_pending', False)
       log.info('resumed from the checkpoint at step %d', saved_step)
     step = first_step = int(state.step)
@@ -309,7 +301,7 @@ def train_and_evaluate(
         if eval_pending:  # the evaluation at the checkpoint's step was cut short by a stop
           stopped = not evaluate()
         for k in [] if stopped else chunk_sizes(step, config, trace.marks()):
-          local = np.stack([next(batches) for _ in range(k)])
+          local = np.stack([next(stream) for _ in range(k)])
           trace.before(step)
           state, step_metrics = trainer.train(state, local)
           pending.append(step_metrics)
@@ -331,7 +323,7 @@ def train_and_evaluate(
           eval_pending = at(config.eval_every_steps) and (stopped or not evaluate())
           stopped = stopped or eval_pending
           if at(config.checkpoint_every_steps) or stopped:
-            ckpt.save(step, state, batches.get_state(), {**meta, 'eval_pending': eval_pending})
+            ckpt.save(step, state, stream.get_state(), {**meta, 'eval_pending': eval_pending})
           if stopped:
             break
       if stopped:
@@ -364,7 +356,7 @@ def train_and_evaluate(
   return final_eval
 
 
-def _check_prompt(run: workdir_lib.Run) -> None:
+def _check_prompt(run: run_lib.Run) -> None:
   """The end-of-run sample's prompt must encode: found before training, not after it."""
   try:
     run.tokenizer.encode(run.config.sample.prompt)
@@ -378,7 +370,7 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   Nothing is trained or written: a configuration that does not fit is caught here, before
   a cluster job spends its allocation finding out.
   """
-  run = workdir_lib.setup(config, workdir, train=False, evaluation=False)
+  run = run_lib.setup(config, workdir, train=False, evaluation=False)
   abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
   trainer = Trainer(run, shardings)
   memory = trainer.memory(abstract)

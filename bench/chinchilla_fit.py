@@ -18,7 +18,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ar_jax import scaling  # noqa: E402
+from ar_jax.studies import scaling  # noqa: E402
 
 PUBLISHED = {  # estimate (standard error)
   'E': (1.817, 0.026),

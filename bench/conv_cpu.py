@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from ar_jax import cli, decoding, models, train  # noqa: E402
+from ar_jax import cli, decode, models, train  # noqa: E402
 from experiments import pixelcnn  # noqa: E402
 
 flags.DEFINE_integer('pixelcnn_steps', 500, 'Training steps of the digits PixelCNN (part 2).')
@@ -67,21 +67,21 @@ def generation(layers: int) -> None:
   # Fast: a one-sample prompt, then fast_new samples, each from the queues.
   prompt = jnp.full((1, 1), 128, jnp.int32)
   fast = samples_per_second(
-    lambda k: decoding.sample_loop(model, params, prompt, k, num_new=fast_new, cached=True),
+    lambda k: decode.sample_loop(model, params, prompt, k, num_new=fast_new, cached=True),
     fast_new,
   )
   shared = samples_per_second(
-    lambda k: decoding.generate(model, params, prompt, fast_new, k).tokens, fast_new
+    lambda k: decode.generate(model, params, prompt, fast_new, k).tokens, fast_new
   )
   # Naive: each new sample recomputes the forward over the field_size samples it can see.
   long_prompt = jnp.full((1, field - naive_new), 128, jnp.int32)
   naive = samples_per_second(
-    lambda k: decoding.sample_loop(model, params, long_prompt, k, num_new=naive_new, cached=False),
+    lambda k: decode.sample_loop(model, params, long_prompt, k, num_new=naive_new, cached=False),
     naive_new,
   )
   print(
     f'  receptive field {field:5,d}: Fast WaveNet {fast:8,.0f} samples/s '
-    f'(decoding.generate {shared:7,.0f}), naive {naive:6,.1f} samples/s, '
+    f'(decode.generate {shared:7,.0f}), naive {naive:6,.1f} samples/s, '
     f'ratio {fast / naive:6,.0f}x'
   )
 

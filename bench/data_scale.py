@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ar_jax import cli, config  # noqa: E402
-from ar_jax.data import pipeline, sources, store, tokenizers  # noqa: E402
+from ar_jax.data import batches, sources, store, tokenizers  # noqa: E402
 
 flags.DEFINE_integer('big_tokens', 1_000_000_000, 'Tokens of the large store.')
 flags.DEFINE_integer('small_tokens', 10_000_000, 'Tokens of the small store.')
@@ -143,7 +143,7 @@ def loader_throughput(prepared: pathlib.Path, batch_size: int, seq_len: int) -> 
   """Training tokens per second one process's iterator delivers from the store."""
   manifest = store.read_manifest(str(prepared))
   tokens = store.open_split(str(prepared), 'train', manifest)
-  it = pipeline.train_iterator(
+  it = batches.train_iterator(
     tokens, batch_size=batch_size, seq_len=seq_len, seed=0, sampling='random'
   )
   next(it)

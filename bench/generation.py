@@ -35,7 +35,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ar_jax import cli, decoding, models  # noqa: E402
+from ar_jax import cli, decode, models  # noqa: E402
 from ar_jax.errors import check  # noqa: E402
 
 flags.DEFINE_integer('repeats', 3, 'Timed runs per figure; the median is printed.')
@@ -110,7 +110,7 @@ def uncached_seconds(model, params, prompts_BP, max_new_tokens: int, repeats: in
 
 
 def cached_generate(model, params, prompts_BP, max_new_tokens: int):
-  return decoding.generate(
+  return decode.generate(
     model, params, prompts_BP, max_new_tokens, jax.random.key(0), temperature=0.0
   ).tokens
 

@@ -120,14 +120,14 @@ def decoding_rate(s: Sizes, batch: int) -> float:
   import jax
   import jax.numpy as jnp
 
-  from ar_jax import decoding, models
+  from ar_jax import decode, models
 
   c = gpt2_config(s, 1, 'none', True)
   model = models.get_model(c.model, s.vocab)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   prompt = jnp.zeros((batch, 1), jnp.int32)
   run = lambda: (
-    decoding.generate(
+    decode.generate(
       model, params, prompt, s.decode_tokens, jax.random.key(0), temperature=0.0
     ).tokens
   )

@@ -29,7 +29,7 @@ def sequential_selective(u, delta, a_EN, b_BTN, c_BTN, keep, h0, chunk):
   import jax
   import jax.numpy as jnp
 
-  from ar_jax.models import mamba
+  from ar_jax.models.families import mamba
 
   del keep, chunk
 
@@ -48,7 +48,8 @@ def scans_table(tiny: bool, repeats: int) -> None:
   import jax
   import jax.numpy as jnp
 
-  from ar_jax.models import mamba, recurrence
+  from ar_jax.models import recurrence
+  from ar_jax.models.families import mamba
 
   B, E, N = (2, 16, 4) if tiny else (8, 512, 16)
   print('| scan | T | parallel tokens/s | sequential tokens/s | parallel / sequential |')

@@ -22,7 +22,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault('TFDS_DATA_DIR', str(REPO.parent / 'shared' / 'data' / 'tensorflow_datasets'))
 sys.path.insert(0, str(REPO))
 
-from ar_jax import cli, flops, train  # noqa: E402
+from ar_jax import cli, train  # noqa: E402
+from ar_jax.monitor import flops  # noqa: E402
 from experiments import shakespeare_char  # noqa: E402
 
 flags.DEFINE_string('workdir', None, 'Where the run goes (default: a temporary directory).')

@@ -53,7 +53,8 @@ def main(argv):
   del argv
   import jax
 
-  from ar_jax import pipeline, train
+  from ar_jax import train
+  from ar_jax.parallel import pipeline
 
   batch, seq_len, steps = (16, 16, 1) if FLAGS.tiny else (64, 64, 3)
   repeats = 1 if FLAGS.tiny else FLAGS.repeats

@@ -19,7 +19,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ar_jax import study  # noqa: E402
+from ar_jax.studies import reports  # noqa: E402
 from experiments import scaling  # noqa: E402
 
 flags.DEFINE_string('root', None, 'Where the runs go (default: a temporary directory).')
@@ -38,7 +38,7 @@ def main(argv):
   ):
     subprocess.run([sys.executable, '-m', *command], cwd=REPO, check=True)
   wall = time.perf_counter() - start
-  finished, *_, fit, iso, caught = scaling.analyse(study.load(root))
+  finished, *_, fit, iso, caught = scaling.analyse(reports.load(root))
   interval = fit.interval()
   print(f'\n{len(finished)} runs, sweep + report in {wall / 60:.1f} min; report: {root}/report.md')
   law = fit.law

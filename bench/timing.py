@@ -52,16 +52,14 @@ def ar_jax_rate(config, steps: int, per_dispatch: int, repeats: int) -> float:
   """Training tokens/s of config's model through the trainer's compiled step, random tokens."""
   import jax
 
+  from ar_jax import run as run_lib
   from ar_jax import state as state_lib
   from ar_jax import train
-  from ar_jax import workdir as workdir_lib
 
   config.steps_per_dispatch = per_dispatch
   # The model and its vocabulary alone: no split is tokenized (a subword vocabulary still to
   # be trained counts data.vocab_size tokens).
-  run = workdir_lib.setup(
-    config, tempfile.mkdtemp(prefix='vs_pytorch_'), train=False, evaluation=False
-  )
+  run = run_lib.setup(config, tempfile.mkdtemp(prefix='vs_pytorch_'), train=False, evaluation=False)
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, config)
   trainer = train.Trainer(run, shardings)
   state = train.init_state(run, shardings)
@@ -100,7 +98,7 @@ def decoding_rate(config, new_tokens: int, repeats: int) -> float:
   import jax
   import jax.numpy as jnp
 
-  from ar_jax import decoding, models
+  from ar_jax import decode, models
 
   model = models.get_model(config.model, 65)
   new_tokens = min(new_tokens, model.max_len - 1) if model.max_len else new_tokens
@@ -108,7 +106,7 @@ def decoding_rate(config, new_tokens: int, repeats: int) -> float:
   prompt = jnp.zeros((1, 1), jnp.int32)
 
   def run():
-    return decoding.generate(
+    return decode.generate(
       model, params, prompt, new_tokens, jax.random.key(0), temperature=0.0
     ).tokens
 

@@ -15,9 +15,10 @@ unless given: 500 for a quick look, `--config=experiments/compare_families.py:st
 and text=PATH to read the corpus from a text file (see experiments/shakespeare_char.py).
 """
 
-from ar_jax import models, study
+from ar_jax import models
 from ar_jax.config import parse_arg
 from ar_jax.errors import check
+from ar_jax.studies import reports
 from experiments import shakespeare_char, sizing
 
 VOCAB = 65  # tiny shakespeare's characters: what the char tokenizer builds from its train split
@@ -65,18 +66,18 @@ def report(runs, plots_dir):
     chosen = [r for r in runs if r.fields['match'] == match] + (
       reference if match == 'flops' else []
     )
-    groups = study.summaries(chosen, 'eval/bits_per_char')
+    groups = reports.summaries(chosen, 'eval/bits_per_char')
     body = [
       [
         i + 1,
         g.runs[0].fields['model'],
         f'{g.stat("num_params")[0] / 1e6:.2f}M',
         f'{g.runs[0].train_flops:.3g}',
-        study.pm(*g.stat('eval/bits_per_char')),
+        reports.pm(*g.stat('eval/bits_per_char')),
         len(g.runs),
       ]
       for i, g in enumerate(groups)
     ]
     header = ('rank', 'model', 'params', 'train FLOPs', 'val bits/char', 'seeds')
-    sections.append(f'## Matched {match}\n\n' + study.markdown_table(header, body))
+    sections.append(f'## Matched {match}\n\n' + reports.markdown_table(header, body))
   return '\n\n'.join(sections)

@@ -9,8 +9,9 @@ reads every corpus. One model per training corpus: the quickstart's transformer 
 parameters, 256-byte context); each evaluation reads the same number of held-out bytes.
 """
 
-from ar_jax import evaluation, study
+from ar_jax import evaluation
 from ar_jax.config import defaults, parse_arg
+from ar_jax.studies import reports
 from experiments import quickstart
 
 CORPORA = ('shakespeare', 'python')
@@ -59,6 +60,6 @@ def report(runs, plots_dir):
   header = ('trained on \\ evaluated on', *CORPORA)
   return (
     '## Domain transfer (bits per byte, lower is better)\n\n'
-    + study.markdown_table(header, body)
+    + reports.markdown_table(header, body)
     + f'\n\nEach cell: {EVAL_BATCHES} x 8 x 256 held-out bytes of the column corpus.'
   )

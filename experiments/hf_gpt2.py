@@ -12,9 +12,9 @@ ar_jax.convert --from_hf uses when given no --config; an import with other confi
 must be trained with the same ones.
 """
 
-from ar_jax import hf
 from ar_jax.config import parse_arg
 from ar_jax.errors import check
+from ar_jax.interop import hf
 
 
 def get_config(arg: str | None = None):

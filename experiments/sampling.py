@@ -19,8 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import beam, data, decoding, metrics, plots, study, workdir
+from ar_jax import data, decode, metrics, workdir
 from ar_jax.config import parse_arg
+from ar_jax.studies import plots, reports
 from experiments import shakespeare_char
 
 PROMPTS = 24  # continuations per strategy: one per prompt
@@ -69,14 +70,14 @@ def measure(model, params, tokenizer, prompts: list[str], new_tokens: int, seed:
   rows = []
   for name, settings in STRATEGIES.items():
     if settings.get('beam', 1) > 1:
-      out = beam.search(
+      out = decode.search(
         model, params, ids, new_tokens, beam_size=settings['beam'], eos_id=tokenizer.eos_id
       )
       out = jax.tree.map(lambda a: a[:, 0], out)  # the best beam of each prompt
     else:
-      decode = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, **settings}
-      out = decoding.generate(
-        model, params, ids, new_tokens, jax.random.key(seed), eos_id=tokenizer.eos_id, **decode
+      sampling = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, **settings}
+      out = decode.generate(
+        model, params, ids, new_tokens, jax.random.key(seed), eos_id=tokenizer.eos_id, **sampling
       )
     tokens, log_probs, lengths, _ = jax.device_get(out)
     p = ids.shape[1]
@@ -127,7 +128,7 @@ def report(runs, plots_dir):
     sections.append(
       f'## Decoding strategies: {run.name}\n\n{PROMPTS} prompts of {PROMPT_CHARS} held-out '
       f'characters, {NEW_TOKENS} new tokens each.\n\n'
-      + study.markdown_table(header, body)
+      + reports.markdown_table(header, body)
       + f'\n\n![quality against diversity](plots/{name})\n\nFirst continuation of each:\n\n'
       + examples
     )

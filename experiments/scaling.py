@@ -31,8 +31,9 @@ import warnings
 
 import numpy as np
 
-from ar_jax import models, plots, scaling, study
+from ar_jax import models
 from ar_jax.config import defaults, parse_arg
+from ar_jax.studies import plots, reports, scaling
 from experiments import sizing
 
 VOCAB = 257  # the byte tokenizer: 256 values and end-of-text
@@ -198,7 +199,7 @@ def comparison(analyses, plots_dir):
     [
       '# The families compared\n\nN* ~ C^a, compute-optimal parameters against compute, '
       'with 95% intervals (D* ~ C^(1-a) under C = 6ND).',
-      study.markdown_table(('family', 'method', 'a [95%]'), body),
+      reports.markdown_table(('family', 'method', 'a [95%]'), body),
       '\n'.join(verdicts),
       '![frontiers](plots/scaling_frontiers.png)',
     ]
@@ -223,11 +224,11 @@ def family_report(family, analysis, plots_dir):
     shown = f'{value:.4g}' if identified[name] else f'not identified ({value:.2g})'
     return [name, shown, f'{stderr[name]:.3g}', f'[{low:.4g}, {high:.4g}]']
 
-  parametric = study.markdown_table(
+  parametric = reports.markdown_table(
     ('parameter', 'estimate', 'bootstrap sd', '95% interval'),
     [estimate(k, getattr(law, k)) for k in ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')],
   )
-  optimal = study.markdown_table(
+  optimal = reports.markdown_table(
     ('', 'N* ~ C^a', 'D* ~ C^b'),
     [
       [
@@ -242,7 +243,7 @@ def family_report(family, analysis, plots_dir):
       ],
     ],
   )
-  budgets = study.markdown_table(
+  budgets = reports.markdown_table(
     ('C (6ND)', 'runs', 'IsoFLOP N*', 'IsoFLOP D*', 'law N*', 'law D*', 'vertex'),
     [
       [
@@ -256,7 +257,7 @@ def family_report(family, analysis, plots_dir):
       for b in iso.budgets
     ],
   )
-  per_run = study.markdown_table(
+  per_run = reports.markdown_table(
     ('run', 'N', 'D', 'C = 6ND', 'C exact', 'exact / 6ND', 'eval loss (nats)'),
     [
       [

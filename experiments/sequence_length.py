@@ -13,8 +13,9 @@ linear in the state, start each window from a zero state, as the transformer doe
 are solved for the nanogpt_cpu transformer's 0.8M parameters.
 """
 
-from ar_jax import models, plots, study
+from ar_jax import models
 from ar_jax.config import parse_arg
+from ar_jax.studies import plots, reports
 from experiments import shakespeare_char, sizing
 
 VOCAB = 65
@@ -94,7 +95,7 @@ def report(runs, plots_dir):
   header = ('model', 'seq_len', 'val bits/char', 'train tok/s', 'train step MiB')
   return (
     '## Sequence length\n\n'
-    + study.markdown_table(header, body)
+    + reports.markdown_table(header, body)
     + '\n\n![against sequence length](plots/sequence_length.png)'
   )
 

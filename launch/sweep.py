@@ -39,7 +39,7 @@ from absl import app, flags
 from ar_jax import cli
 from ar_jax.config import load_experiment
 from ar_jax.errors import ConfigError, check
-from ar_jax.progress import duration
+from ar_jax.monitor.progress import duration
 
 flags.DEFINE_string('config', None, 'experiments/NAME.py[:ARG]: a file with sweep(add, arg).')
 flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')

@@ -16,9 +16,9 @@ import numpy as np
 
 from ar_jax import config as config_lib
 from ar_jax import models, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
-from ar_jax.data import pipeline, sources
+from ar_jax.data import batches, sources
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -126,13 +126,13 @@ def one_step(cfg, workdir, initial=None):
   """(state after one train step, its loss) from the config's first batch, through the real
   trainer on the config's mesh; from `initial` (placed on that mesh) if given, else from
   the config's own initial parameters (returned as the third value)."""
-  run = workdir_lib.setup(cfg, str(workdir))
+  run = run_lib.setup(cfg, str(workdir))
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   if initial is None:
     initial = train.init_state(run, shardings)
   # A copy: the step donates its input, and `initial` may be used again.
   state = jax.device_put(jax.tree.map(jnp.copy, initial), shardings)
-  it = pipeline.train_iterator(
+  it = batches.train_iterator(
     run.streams.train,
     batch_size=cfg.batch_size,
     seq_len=cfg.data.seq_len,

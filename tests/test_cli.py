@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from ar_jax import cli, flops
+from ar_jax import cli
+from ar_jax.monitor import flops
 from tests import helpers
 from tests.helpers import REPO, read_jsonl
 

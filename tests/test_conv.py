@@ -7,9 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import decoding, models
+from ar_jax import decode, models
 from ar_jax.errors import ConfigError
-from ar_jax.models import conv
+from ar_jax.models.families import conv
 from experiments import shakespeare_char
 from tests.helpers import position_jacobian
 
@@ -68,21 +68,21 @@ def test_fast_wavenet_samples_equal_naive_recomputation_sample_for_sample():
   model, params = make(**WAVENET)
   prompt = jax.random.randint(jax.random.key(2), (3, 4), 0, V)
   kwargs = dict(num_new=30, temperature=1.0)
-  fast = decoding.sample_loop(model, params, prompt, jax.random.key(7), cached=True, **kwargs)
-  naive = decoding.sample_loop(model, params, prompt, jax.random.key(7), cached=False, **kwargs)
+  fast = decode.sample_loop(model, params, prompt, jax.random.key(7), cached=True, **kwargs)
+  naive = decode.sample_loop(model, params, prompt, jax.random.key(7), cached=False, **kwargs)
   np.testing.assert_array_equal(fast, naive)
   assert fast.shape == (3, 34)
   assert len(np.unique(np.asarray(fast[:, 4:]))) > 3  # really sampled, not one repeated token
-  other = decoding.sample_loop(model, params, prompt, jax.random.key(8), cached=True, **kwargs)
+  other = decode.sample_loop(model, params, prompt, jax.random.key(8), cached=True, **kwargs)
   assert not np.array_equal(fast, other)  # the keys decide the draws
 
 
 def test_the_shared_decoder_drives_the_queues():
-  """decoding.generate through the model contract: greedy equals the naive argmax."""
+  """decode.generate through the model contract: greedy equals the naive argmax."""
   model, params = make(**WAVENET)
   prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, V)
-  greedy = decoding.generate(model, params, prompt, 12, jax.random.key(0), temperature=0.0)
-  naive = decoding.sample_loop(
+  greedy = decode.generate(model, params, prompt, 12, jax.random.key(0), temperature=0.0)
+  naive = decode.sample_loop(
     model, params, prompt, jax.random.key(0), num_new=12, cached=False, temperature=0.0
   )
   np.testing.assert_array_equal(greedy.tokens, naive)

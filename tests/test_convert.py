@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ar_jax import decoding, hf, train, workdir
+from ar_jax import decode, train, workdir
 from ar_jax.config import load_experiment
 from ar_jax.data import subword
 from ar_jax.errors import ConfigError
+from ar_jax.interop import hf
 from tests.helpers import REPO, read_jsonl
 
 GPT2 = dict(n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -203,7 +204,7 @@ def test_logits_and_greedy_text_equal_transformers_gpt2_both_ways(tmp_path, toke
     expected = reference(ids).logits.detach().numpy()
     np.testing.assert_allclose(logits(run), expected, atol=1e-5)
     model, params, _, _ = workdir.load(str(run))
-    ours = decoding.generate(model, params, TOKENS, 8, jax.random.key(0), temperature=0.0).tokens
+    ours = decode.generate(model, params, TOKENS, 8, jax.random.key(0), temperature=0.0).tokens
     theirs = reference.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     theirs = theirs[0, TOKENS.shape[1] :].numpy()
     assert len(theirs) == 8  # no end-of-text token cut it short

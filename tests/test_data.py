@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ar_jax import data
-from ar_jax.data import pipeline, sources, tokenizers
+from ar_jax.data import batches, sources, tokenizers
 from ar_jax.errors import ConfigError
 from tests.helpers import tiny_config, whole_documents
 
@@ -131,33 +131,33 @@ def test_tfds_tiny_shakespeare_is_nanogpts_split(shared_data):
 def test_random_windows_are_corpus_slices_and_resume_exactly():
   tokens = np.arange(1000, dtype=np.uint16)
   kw = dict(batch_size=4, seq_len=8, seed=3, sampling='random')
-  it = pipeline.train_iterator(tokens, **kw)
+  it = batches.train_iterator(tokens, **kw)
   first = [next(it) for _ in range(3)]
   state = it.get_state()
   later = [next(it) for _ in range(2)]
   for batch in first + later:
     assert batch.shape == (4, 9) and batch.dtype == np.int32
     np.testing.assert_array_equal(batch - batch[:, :1], np.tile(np.arange(9), (4, 1)))
-  resumed = pipeline.train_iterator(tokens, **kw)
+  resumed = batches.train_iterator(tokens, **kw)
   resumed.set_state(state)
   np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(2)]), np.stack(later))
-  other_seed = next(pipeline.train_iterator(tokens, **{**kw, 'seed': 4}))
+  other_seed = next(batches.train_iterator(tokens, **{**kw, 'seed': 4}))
   assert not np.array_equal(other_seed, first[0])
 
 
 def test_processes_read_their_rows_of_the_same_global_batch():
   tokens = np.arange(500, dtype=np.uint16)
   kw = dict(batch_size=6, seq_len=4, seed=0, sampling='random')
-  whole = next(pipeline.train_iterator(tokens, **kw))
+  whole = next(batches.train_iterator(tokens, **kw))
   parts = [
-    next(pipeline.train_iterator(tokens, process_index=p, process_count=3, **kw)) for p in range(3)
+    next(batches.train_iterator(tokens, process_index=p, process_count=3, **kw)) for p in range(3)
   ]
   np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_sequential_streams_continue_row_by_row():
   tokens = np.arange(100, dtype=np.uint16)
-  it = pipeline.train_iterator(tokens, batch_size=2, seq_len=4, seed=0, sampling='sequential')
+  it = batches.train_iterator(tokens, batch_size=2, seq_len=4, seed=0, sampling='sequential')
   b0, b1 = next(it), next(it)
   np.testing.assert_array_equal(b0, [[0, 1, 2, 3, 4], [50, 51, 52, 53, 54]])
   np.testing.assert_array_equal(b1, [[4, 5, 6, 7, 8], [54, 55, 56, 57, 58]])
@@ -166,7 +166,7 @@ def test_sequential_streams_continue_row_by_row():
 def test_eval_batches_predict_every_token_once():
   tokens = np.arange(1, 38, dtype=np.uint16)  # 37 tokens: 36 predictions
   seen = []
-  for batch, weights in pipeline.eval_batches(tokens, batch_size=2, seq_len=5):
+  for batch, weights in batches.eval_batches(tokens, batch_size=2, seq_len=5):
     assert batch.shape == (2, 6) and weights.shape == (2, 5)
     seen.extend(batch[:, 1:][weights > 0].tolist())
   assert sorted(seen) == list(range(2, 38))
@@ -174,15 +174,15 @@ def test_eval_batches_predict_every_token_once():
 
 def test_too_short_training_split_is_named():
   with pytest.raises(ConfigError, match='has 5 tokens, too few for one window'):
-    pipeline.train_iterator(np.arange(5), batch_size=1, seq_len=8, seed=0, sampling='random')
+    batches.train_iterator(np.arange(5), batch_size=1, seq_len=8, seed=0, sampling='random')
 
 
 def test_packed_segments_start_at_each_end_of_document():
   eos = 9
   tokens = np.array([[5, eos, 3, 4, eos, 7], [eos, 1, 2, 3, 4, 5]])
-  segments = pipeline.segments(tokens, eos)['segment_ids_BT']
+  segments = batches.segments(tokens, eos)['segment_ids_BT']
   assert segments.tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]
-  assert pipeline.segments(tokens, None) == {}
+  assert batches.segments(tokens, None) == {}
 
 
 def test_packing_needs_documents_longer_than_a_window(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ar_jax import beam, decoding, models, scoring
+from ar_jax import decode, models
 from ar_jax.errors import ConfigError
 from tests.helpers import random_model
 
@@ -47,12 +47,12 @@ def segments(a, starts, stops, width: int = NEW) -> np.ndarray:
   return out
 
 
-def check_against_score(model, params, out: decoding.Generation, prompts, prompt_lengths):
+def check_against_score(model, params, out: decode.Generation, prompts, prompt_lengths):
   """Asserts that out's log-probabilities (from the cached step) are those of a full forward;
   returns the teacher-forced total of each row and each row's continuation length."""
   ends = np.asarray(out.lengths).reshape(-1)
   new = ends - prompt_lengths
-  total, per_token = scoring.score(
+  total, per_token = decode.score(
     model,
     params,
     prompts,
@@ -66,7 +66,7 @@ def check_against_score(model, params, out: decoding.Generation, prompts, prompt
 
 def test_cached_greedy_equals_the_full_forward_for_prompts_of_any_length(family):
   model, params = family
-  out = decoding.generate(
+  out = decode.generate(
     model, params, PROMPTS, NEW, jax.random.key(0), prompt_lengths=LENGTHS, temperature=0.0
   )
   # No cache: the whole prefix every step, each row fed its own prompt while inside it.
@@ -92,7 +92,7 @@ def test_sampled_and_beam_log_probs_equal_the_teacher_forced_score(family_and_la
   and reordered on the model's batch axis) equal one full forward's."""
   model, params = family_and_layout
   sample = functools.partial(
-    decoding.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, top_k=6, num_samples=2
+    decode.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, top_k=6, num_samples=2
   )
   endless = np.asarray(sample(jax.random.key(1)).tokens)
   eos = int(endless[0, LENGTHS[0] + 2])  # the third token sampled in the first row
@@ -109,16 +109,18 @@ def test_sampled_and_beam_log_probs_equal_the_teacher_forced_score(family_and_la
   assert not np.array_equal(samples[0::2], samples[1::2]), 'the samples of each prompt agree'
   assert not np.array_equal(sample(jax.random.key(2), eos_id=eos).tokens, out.tokens)
 
-  beams = beam.search(model, params, PROMPTS, NEW, beam_size=2, prompt_lengths=LENGTHS, eos_id=eos)
+  beams = decode.search(
+    model, params, PROMPTS, NEW, beam_size=2, prompt_lengths=LENGTHS, eos_id=eos
+  )
   total, new = check_against_score(model, params, beams, *rows)
-  penalized = total / beam.length_penalty(new, 0.6)
+  penalized = total / decode.length_penalty(new, 0.6)
   np.testing.assert_allclose(np.asarray(beams.scores).reshape(-1), penalized, atol=1e-4)
   assert (beams.scores[:, 0] >= beams.scores[:, 1]).all()
 
 
 def test_greedy_equals_beam_of_one_top_k_one_and_a_tiny_top_p():
   model, params = random_model('transformer', V)
-  one_beam = beam.search(
+  one_beam = decode.search(
     model, params, PROMPTS, NEW, beam_size=1, length_penalty_alpha=0.0, prompt_lengths=LENGTHS
   )
   # Beam search without an end-of-sequence token: with one, a beam of one keeps a hypothesis
@@ -126,7 +128,7 @@ def test_greedy_equals_beam_of_one_top_k_one_and_a_tiny_top_p():
   beam_tokens = np.asarray(one_beam.tokens[:, 0])
   eos = int(beam_tokens[0, LENGTHS[0] + 2])  # the third token generated in the first row
   run = functools.partial(
-    decoding.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, eos_id=eos
+    decode.generate, model, params, PROMPTS, NEW, prompt_lengths=LENGTHS, eos_id=eos
   )
   greedy = run(jax.random.key(0), temperature=0.0)
   ends = np.asarray(greedy.lengths)
@@ -188,7 +190,7 @@ def test_beam_search_returns_the_top_w_of_brute_force_enumeration():
   log_p = [brute_force(model, params, prompts[b, :P], new, eos, 5) for b, P in enumerate(lengths)]
   assert [len(h) for h in log_p] == [40, 40]
   for alpha, kind in ((0.0, 'gnmt'), (1.5, 'gnmt'), (0.7, 'hf')):
-    beams = beam.search(
+    beams = decode.search(
       model,
       params,
       prompts,
@@ -210,7 +212,7 @@ def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
   wins: the search must go on while an unfinished beam could still beat them."""
   eos, new, alpha = 1, 8, 2.0
   model, params = random_model('transformer', 2, seed=1)
-  beams = beam.search(
+  beams = decode.search(
     model, params, np.array([[0]]), new, beam_size=2, length_penalty_alpha=alpha, eos_id=eos
   )
   log_p = brute_force(model, params, [0], new, eos, 1 + new)
@@ -219,7 +221,7 @@ def test_beam_search_stops_only_when_no_unfinished_beam_can_win():
 
   # Hugging Face's early_stopping=True stops at the first W finished hypotheses instead:
   # those that end soonest, by log p / length^alpha among them.
-  early = beam.search(
+  early = decode.search(
     model,
     params,
     np.array([[0]]),
@@ -285,7 +287,7 @@ def test_early_stopping_finishes_only_the_top_w_candidates_as_hugging_face():
     next_log_p = next_log_probs(model, params, [1], new, 1 + new)
     expected = hf_early_stopping(next_log_p, W, new, eos, alpha)
     differs += expected != hf_early_stopping(next_log_p, W, new, eos, alpha, top_w=False)
-    beams = beam.search(
+    beams = decode.search(
       model,
       params,
       np.array([[1]]),
@@ -326,7 +328,7 @@ CHI2_CRITICAL_0_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6:
 def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k, top_p):
   logits = np.log([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05])
   draws = 20_000
-  tokens = decoding.sample_token(
+  tokens = decode.sample_token(
     jnp.tile(jnp.asarray(logits, jnp.float32), (draws, 1)),
     jax.random.key(0),
     temperature,
@@ -348,7 +350,7 @@ def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k,
 @pytest.mark.parametrize('p, kept', [(0.5, 1), (0.7, 2), (0.8, 2), (0.81, 3), (1.0, 4)])
 def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
   logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
-  filtered = decoding.filter_logits(logits, 1.0, 0, p)
+  filtered = decode.filter_logits(logits, 1.0, 0, p)
   order = [1, 3, 2, 0]  # tokens by probability
   assert np.isfinite(np.asarray(filtered[0, order[:kept]])).all()
   assert np.isneginf(np.asarray(filtered[0, order[kept:]])).all()
@@ -357,7 +359,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
 def test_top_p_breaks_ties_by_rank():
   """Uniform over 64 tokens at p = 0.125 (sums of 1/64 are exact in float32): the smallest
   set reaching p is the 8 lowest token ids, not all 64 tied with the eighth."""
-  filtered = np.asarray(decoding.filter_logits(jnp.zeros((1, 64)), 1.0, 0, 0.125))
+  filtered = np.asarray(decode.filter_logits(jnp.zeros((1, 64)), 1.0, 0, 0.125))
   np.testing.assert_array_equal(np.flatnonzero(np.isfinite(filtered[0])), np.arange(8))
 
 
@@ -380,7 +382,7 @@ def test_top_p_equals_the_definition_at_its_boundary():
   sum off by about 1e-7) are left out of the random comparison."""
   p, temperature = 0.95, 1.7
   logits_RV = np.random.default_rng(0).normal(0, 3, (8192, 32)).astype(np.float32)
-  kept = np.isfinite(np.asarray(decoding.filter_logits(jnp.asarray(logits_RV), temperature, 0, p)))
+  kept = np.isfinite(np.asarray(decode.filter_logits(jnp.asarray(logits_RV), temperature, 0, p)))
   probs_RV = np.asarray(jax.nn.softmax(jnp.asarray(logits_RV) / temperature), np.float64)
   expected, margin = top_p_reference(probs_RV, p)
   clear = margin > 1e-6
@@ -389,19 +391,21 @@ def test_top_p_equals_the_definition_at_its_boundary():
   for below in (1e-6, 5e-7):
     q = p - below  # the first token's mass: just under p, so the second must be kept too
     edge = jnp.log(jnp.array([[q, (1 - q) * 0.7, (1 - q) * 0.3]]))
-    filtered = np.asarray(decoding.filter_logits(edge, 1.0, 0, p))
+    filtered = np.asarray(decode.filter_logits(edge, 1.0, 0, p))
     np.testing.assert_array_equal(np.isfinite(filtered[0]), [True, True, False])
 
 
 def test_temperature_scales_before_top_k():
   logits = jnp.array([[1.0, 3.0, 2.0]])
-  filtered = decoding.filter_logits(logits, 0.5, 2, 1.0)
+  filtered = decode.filter_logits(logits, 0.5, 2, 1.0)
   np.testing.assert_allclose(filtered, [[-np.inf, 6.0, 4.0]])
 
 
 def test_more_tokens_than_the_context_is_refused():
   model, params = random_model('transformer', V)
   with pytest.raises(ConfigError, match="= 33 exceeds the model's context of 32 positions"):
-    decoding.generate(model, params, jnp.zeros((1, 5), jnp.int32), 28, jax.random.key(0))
+    decode.generate(model, params, jnp.zeros((1, 5), jnp.int32), 28, jax.random.key(0))
   with pytest.raises(ConfigError, match=r'prompt_lengths must be in \[0, 5\]'):
-    beam.search(model, params, jnp.zeros((2, 5), jnp.int32), 4, beam_size=2, prompt_lengths=[2, 6])
+    decode.search(
+      model, params, jnp.zeros((2, 5), jnp.int32), 4, beam_size=2, prompt_lengths=[2, 6]
+    )

@@ -15,10 +15,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import checkpoint, sharding, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
+from ar_jax import train
 from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
+from ar_jax.parallel import sharding
+from ar_jax.workdir import checkpoint
 from tests import helpers
 from tests.helpers import REPO, family_config, one_step, read_jsonl, tiny_config
 
@@ -27,7 +30,7 @@ def test_transformer_kernels_follow_the_rules(text_file, tmp_path):
   cfg = family_config(
     text_file, 'transformer', **{'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2}
   )
-  run = workdir_lib.setup(cfg, str(tmp_path))
+  run = run_lib.setup(cfg, str(tmp_path))
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   spec = lambda x: tuple(x.spec)
   block = shardings.params['block_0']
@@ -90,7 +93,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(text_file, tmp_path):
   saver.close()
   for data in (2, 1):
     other = family_config(text_file, 'transformer', **{'mesh.data': data})
-    run = workdir_lib.setup(other, str(tmp_path / 'run'))
+    run = run_lib.setup(other, str(tmp_path / 'run'))
     abstract, _ = state_lib.abstract_state(run.model, run.tx, run.mesh, other)
     restored, data_state, _ = checkpoint.Checkpointer(str(tmp_path / 'run'), max_to_keep=1).restore(
       1, abstract

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ar_jax import data, train
-from ar_jax.data import pipeline, tokenizers
+from ar_jax.data import batches, tokenizers
 from ar_jax.errors import ConfigError
 from experiments import pixelcnn
 
@@ -38,12 +38,12 @@ def test_digits_are_whole_examples_of_bos_and_sub_pixels():
 
 def test_examples_sampling_draws_whole_images_and_evaluates_each_once():
   streams = data.load(digits_config(max_examples=50).data)
-  it = pipeline.train_iterator(streams.train, batch_size=8, seq_len=64, seed=0, sampling='examples')
+  it = batches.train_iterator(streams.train, batch_size=8, seq_len=64, seed=0, sampling='examples')
   batch = next(it)
   assert batch.shape == (8, 65) and np.all(batch[:, 0] == 256)
   assert np.all(batch[:, 1:] < 256)
   tokens = streams.eval['validation']  # the first 50 validation images
-  seen = list(pipeline.eval_batches(tokens, batch_size=16, seq_len=64, examples=True))
+  seen = list(batches.eval_batches(tokens, batch_size=16, seq_len=64, examples=True))
   assert len(seen) == 4  # 50 images in batches of 16: the last one padded
   rows = np.concatenate([b for b, _ in seen])
   weights = np.concatenate([w for _, w in seen])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ar_jax.models import hawk, mamba, minrnn, recurrence
+from ar_jax.models import recurrence
+from ar_jax.models.families import hawk, mamba, minrnn
 
 LENGTHS = (1, 2, 3, 17, 128)
 

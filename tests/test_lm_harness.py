@@ -1,6 +1,6 @@
 """The lm-evaluation-harness adapter: what lm-eval gets from a run against the model's own
-numbers, computed directly, one request at a time (scoring.score, the argmax of a full
-forward, decoding.generate)."""
+numbers, computed directly, one request at a time (decode.score, the argmax of a full
+forward, decode.generate)."""
 
 import dataclasses
 import importlib
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ar_jax import decoding, scoring, train
+from ar_jax import decode, train
 from ar_jax.errors import ConfigError
 from tests import helpers
 from tests.helpers import REPO, tiny_config
@@ -45,7 +45,7 @@ def hf_offline(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def harness(hf_offline):
-  return importlib.import_module('ar_jax.lm_harness')
+  return importlib.import_module('ar_jax.interop.harness')
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +73,7 @@ def lm(harness, run):
 
 @pytest.fixture(scope='module')
 def direct(lm):
-  """(log p(continuation | context) by scoring.score of the pair alone, whether each of its
+  """(log p(continuation | context) by decode.score of the pair alone, whether each of its
   tokens is the argmax of one full forward), left-truncated to the model's context. Padded to
   one width (zeros after a sequence change nothing: causal), each compiles once."""
   forward = jax.jit(lambda t: jax.nn.log_softmax(lm.model.apply({'params': lm.params}, t)))
@@ -82,7 +82,7 @@ def direct(lm):
   def score(context: list[int], continuation: list[int]) -> tuple[float, bool]:
     tokens = (context + continuation)[-MAX_LEN:]
     start = len(tokens) - len(continuation)
-    total, _ = scoring.score(
+    total, _ = decode.score(
       lm.model,
       lm.params,
       pad(tokens[:start]),
@@ -171,12 +171,12 @@ NEW = 8  # tokens generated after each prompt
 
 @pytest.fixture(scope='module')
 def greedy(lm) -> dict[str, str]:
-  """Each of PROMPTS's greedy continuation by decoding.generate alone, after as many of its
+  """Each of PROMPTS's greedy continuation by decode.generate alone, after as many of its
   last tokens as leave room for NEW more in the model's context."""
   texts = {}
   for prompt in PROMPTS:
     ids = encode(lm, prompt)[-(MAX_LEN - NEW) :]
-    out = decoding.generate(
+    out = decode.generate(
       lm.model,
       lm.params,
       [ids],

@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from ar_jax import checkpoint, models, pipeline, train
+from ar_jax import models, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
+from ar_jax.parallel import pipeline
+from ar_jax.workdir import checkpoint
 from tests.helpers import family_config, one_step, write_corpus
 
 LAYERS = 8
@@ -97,7 +99,7 @@ def test_each_stage_holds_its_own_layers(family, corpus, tmp_path):
   parameter (and of its optimizer moments), and nothing of the other stages' layers."""
   cfg = config(corpus, family, {'stage': 4, 'data': 2}, 4)
   state, _, _ = one_step(cfg, tmp_path)
-  run = workdir_lib.setup(cfg, str(tmp_path))
+  run = run_lib.setup(cfg, str(tmp_path))
   stage_of = {d: s for s, devices in enumerate(run.mesh.devices) for d in devices.flat}
   boxed = jax.eval_shape(run.model.init, jax.random.key(0), np.zeros((1, 4), np.int32))
   is_stacked = jax.tree.map(
@@ -128,7 +130,7 @@ def test_a_checkpoint_restores_across_stage_counts(corpus, tmp_path):
     with checkpoint.Checkpointer(str(workdir), max_to_keep=1) as saver:
       saver.save(1, state, {'next_index': 1}, {})
     other = config(corpus, 'transformer', meshes[restored_under])
-    run = workdir_lib.setup(other, str(workdir))
+    run = run_lib.setup(other, str(workdir))
     abstract, _ = state_lib.abstract_state(run.model, run.tx, run.mesh, other)
     with checkpoint.Checkpointer(str(workdir), max_to_keep=1) as reader:
       restored, _, _ = reader.restore(1, abstract)

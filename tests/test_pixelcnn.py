@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import decoding, models
+from ar_jax import decode, models
 from ar_jax.errors import ConfigError
-from ar_jax.models import pixelcnn
+from ar_jax.models.families import pixelcnn
 from tests.helpers import position_jacobian, random_params
 
 
@@ -110,7 +110,7 @@ def test_sampled_images_are_whole_and_follow_the_model():
   model, params, _ = make((2, 3, 1), levels=2, num_layers=1)
   # A head that says "1" with near certainty everywhere.
   params['head']['bias'] = jnp.array([-20.0, 20.0])
-  images = decoding.sample_images(model, params, jax.random.key(0), 4, (2, 3, 1), bos_id=2)
+  images = decode.sample_images(model, params, jax.random.key(0), 4, (2, 3, 1), bos_id=2)
   assert images.shape == (4, 2, 3, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(images, 1)
 

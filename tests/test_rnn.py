@@ -12,10 +12,11 @@ import optax
 import pytest
 
 from ar_jax import models, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
 from ar_jax.errors import ConfigError
-from ar_jax.models import bptt, cells, rnn
+from ar_jax.models import bptt, cells
+from ar_jax.models.families import rnn
 from tests.helpers import family_config, read_jsonl, tiny_config
 
 
@@ -329,7 +330,7 @@ def collectives_in_loops(hlo: str) -> tuple[int, int]:
 
 def test_fsdp_gathers_the_weights_once_per_step_outside_the_time_loops(text_file, tmp_path):
   cfg = family_config(text_file, 'rnn', **{'mesh.data': 1, 'mesh.fsdp': 8})
-  run = workdir_lib.setup(cfg, str(tmp_path))
+  run = run_lib.setup(cfg, str(tmp_path))
   abstract, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   trainer = train.Trainer(run, shardings)
   hlo = trainer.compile(abstract, trainer.abstract_batches(1)).as_text()

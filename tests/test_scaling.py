@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ar_jax import plots, scaling
+from ar_jax.studies import plots, scaling
 from experiments import scaling as scaling_study
 
 # Besiroglu et al. (2024), table 1: (estimate, standard error) of their Approach 3 replication.

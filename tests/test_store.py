@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ar_jax import data
-from ar_jax.data import pipeline, sources, store
+from ar_jax.data import batches, sources, store
 from ar_jax.errors import ConfigError
 from tests.helpers import REPO, run, start, tiny_config
 
@@ -117,16 +117,16 @@ def test_store_batches_equal_in_memory_batches_and_resume(corpus, reference, sam
   stored = data.load(config(corpus, **{'data.prepared': str(reference)}).data).train
   assert isinstance(stored, store.Tokens) and len(stored.shards) > 10
   kw = dict(batch_size=8, seq_len=100, seed=5, sampling=sampling)
-  a, b = pipeline.train_iterator(memory, **kw), pipeline.train_iterator(stored, **kw)
+  a, b = batches.train_iterator(memory, **kw), batches.train_iterator(stored, **kw)
   for _ in range(5):
     np.testing.assert_array_equal(next(a), next(b))
   state, later = b.get_state(), [next(b) for _ in range(3)]
-  resumed = pipeline.train_iterator(stored, **kw)
+  resumed = batches.train_iterator(stored, **kw)
   resumed.set_state(state)
   np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(3)]), np.stack(later))
   # Two processes, each reading its own rows, make the one process's global batch.
-  halves = [pipeline.train_iterator(stored, **kw, process_index=i, process_count=2) for i in (0, 1)]
-  whole = pipeline.train_iterator(stored, **kw)
+  halves = [batches.train_iterator(stored, **kw, process_index=i, process_count=2) for i in (0, 1)]
+  whole = batches.train_iterator(stored, **kw)
   np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), next(whole))
 
 
@@ -139,7 +139,7 @@ def test_windows_across_shards_equal_the_whole_array():
   )
   kw = dict(batch_size=4, seq_len=9, seed=1, sampling='examples')
   np.testing.assert_array_equal(
-    next(pipeline.train_iterator(sharded, **kw)), next(pipeline.train_iterator(tokens, **kw))
+    next(batches.train_iterator(sharded, **kw)), next(batches.train_iterator(tokens, **kw))
   )
 
 
@@ -147,7 +147,7 @@ def test_evaluation_batches_from_the_store_equal_in_memory(corpus, reference):
   memory = data.load(config(corpus).data).eval['validation']
   stored = data.load(config(corpus, **{'data.prepared': str(reference)}).data).eval['validation']
   kw = dict(batch_size=8, seq_len=64)
-  pairs = zip(pipeline.eval_batches(memory, **kw), pipeline.eval_batches(stored, **kw), strict=True)
+  pairs = zip(batches.eval_batches(memory, **kw), batches.eval_batches(stored, **kw), strict=True)
   targets = 0
   for (tokens_a, weights_a), (tokens_b, weights_b) in pairs:
     np.testing.assert_array_equal(tokens_a, tokens_b)

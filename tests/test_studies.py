@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from ar_jax import models, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
 from experiments import compare_families, sampling, scaling, sizing
 from tests import helpers
 from tests.helpers import REPO, tiny_config
@@ -68,7 +68,7 @@ def test_scaling_grid_spends_each_budget_with_at_least_three_sizes(grid, family)
 
 def test_sampling_study_measures_each_strategy(text_file, tmp_path):
   cfg = tiny_config(text_file)
-  run = workdir_lib.setup(cfg, str(tmp_path))
+  run = run_lib.setup(cfg, str(tmp_path))
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   params = train.init_state(run, shardings).params
   prompts = sampling.prompts_from(text_file.read_text(), 6, 8)

@@ -1,4 +1,4 @@
-"""Sweeps (launch/sweep.py) and study reports (ar_jax/study.py), end to end on a tiny study."""
+"""Sweeps (launch/sweep.py) and study reports (ar_jax/studies/reports.py), end to end."""
 
 import csv
 import json
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from ar_jax import study
 from ar_jax.errors import ConfigError
+from ar_jax.studies import reports
 from launch import sweep
 from tests import helpers
 from tests.helpers import REPO
@@ -140,7 +140,7 @@ def test_tiny_study_end_to_end(corpus, tmp_path):
 
   # A study run in parts reports what has finished while other runs have not started.
   shutil.rmtree(root / names[1])
-  report = study.write_report(str(root), str(REPO / STUDY))
+  report = reports.write_report(str(root), str(REPO / STUDY))
   assert '2 runs (1 finished)' in pathlib.Path(report).read_text()
 
 

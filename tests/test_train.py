@@ -8,9 +8,9 @@ import optax
 import pytest
 
 from ar_jax import evaluation, models, optim, train
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
-from ar_jax.data import pipeline
+from ar_jax.data import batches
 from ar_jax.errors import ConfigError
 from tests.helpers import read_jsonl, tiny_config
 
@@ -134,7 +134,7 @@ def test_workdir_of_another_run_is_refused_and_left_alone(text_file, tmp_path):
 
 def test_evaluation_is_the_exact_mean_over_every_eval_token(text_file, tmp_path):
   cfg = tiny_config(text_file, eval_batches=0)
-  run = workdir_lib.setup(cfg, str(tmp_path))
+  run = run_lib.setup(cfg, str(tmp_path))
   _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, cfg)
   state = train.init_state(run, shardings)
   got = evaluation.Evaluator(run, shardings.params).evaluate(state.params)
@@ -185,13 +185,13 @@ def test_bfloat16_trains_like_float32_with_float32_state(text_file, tmp_path):
     c.data.name, c.data.path, c.data.tokenizer = 'files', str(text_file), 'byte'
     c.data.seq_len, c.model.max_len, c.mesh.data = 64, 64, 1
     c.num_train_steps, c.optim.warmup_steps, c.model.dtype = 20, 5, dtype
-    run = workdir_lib.setup(c, str(tmp_path / dtype), evaluation=False)
+    run = run_lib.setup(c, str(tmp_path / dtype), evaluation=False)
     _, shardings = state_lib.abstract_state(run.model, run.tx, run.mesh, c)
-    batches = pipeline.train_iterator(
+    stream = batches.train_iterator(
       run.streams.train, batch_size=8, seq_len=64, seed=0, sampling='random'
     )
     state, metrics = train.Trainer(run, shardings).train(
-      train.init_state(run, shardings), np.stack([next(batches) for _ in range(20)])
+      train.init_state(run, shardings), np.stack([next(stream) for _ in range(20)])
     )
     losses[dtype] = float(metrics['loss'][-1])
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
@@ -210,7 +210,7 @@ def test_a_profile_traces_the_chosen_steps(text_file, tmp_path):
   assert len(traces) == 1 and traces[0].stat().st_size > 0
   assert list((tmp_path / 'profile').rglob('*.trace.json.gz'))
   with pytest.raises(ConfigError, match=r'must be two non-negative integers, got \(-1, 2\)'):
-    workdir_lib.validate(tiny_config(text_file, **{'profile.steps': (-1, 2)}))
+    run_lib.validate(tiny_config(text_file, **{'profile.steps': (-1, 2)}))
 
 
 def test_weights_and_biases_gets_the_same_scalars_offline(text_file, tmp_path):
@@ -229,4 +229,4 @@ def test_weights_and_biases_gets_the_same_scalars_offline(text_file, tmp_path):
   for key in read_jsonl(tmp_path / 'metrics.jsonl')[-1]:
     assert key == 'step' or key.encode() in history
   with pytest.raises(ConfigError, match="wandb.mode='cloud'; allowed: online, offline"):
-    workdir_lib.validate(tiny_config(text_file, **{'wandb.mode': 'cloud'}))
+    run_lib.validate(tiny_config(text_file, **{'wandb.mode': 'cloud'}))

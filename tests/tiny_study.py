@@ -2,8 +2,8 @@
 
 import os
 
-from ar_jax import study
 from ar_jax.config import parse_arg
+from ar_jax.studies import reports
 from tests.helpers import tiny_config
 
 
@@ -23,4 +23,4 @@ def sweep(add, arg):
 def report(runs, plots_dir):
   del plots_dir
   body = [[r.fields['width'], r.final['num_params']] for r in runs if r.final]
-  return '## Parameters by width\n\n' + study.markdown_table(('width', 'params'), body)
+  return '## Parameters by width\n\n' + reports.markdown_table(('width', 'params'), body)

@@ -270,7 +270,7 @@ def _shards(chunks: Iterator[sources.Chunk], shard_bytes: int):
 
 
 def _prepare_split(data, out, split, pool, num_workers, shard_bytes) -> dict:
-  from ar_jax import progress  # Imported here: the worker processes need no jax.
+  from ar_jax.monitor import progress  # Imported here: the worker processes need no jax.
 
   name = f'{data.name}:{split}'
   total = sources.estimated_bytes(data, split)

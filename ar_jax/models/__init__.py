@@ -1,6 +1,8 @@
 """Model families by module name: config.model.name = 'transformer' is
-ar_jax/models/transformer.py. What a family module defines, and every member of its Model
-the rest of the package reads, is the contract in ar_jax/models/contract.py.
+ar_jax/models/families/transformer.py, and a dotted name ('my_package.my_family') is a family
+module anywhere on the path. What a family module defines, and every member of its Model
+the rest of the package reads, is the contract in ar_jax/models/contract.py; the pieces the
+families share (the layer stack, layers, scans) live beside it, in ar_jax/models.
 """
 
 import dataclasses
@@ -15,17 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ar_jax import sharding
 from ar_jax.errors import ConfigError
-from ar_jax.models import contract
+from ar_jax.models import contract, families
+from ar_jax.parallel import sharding
 
-# Modules the families share.
-_NOT_MODELS = frozenset({'bptt', 'cells', 'contract', 'layers', 'recurrence'})
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
 
 
 def available() -> list[str]:
-  return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_MODELS)
+  """The families ar_jax ships (ar_jax/models/families/)."""
+  return sorted(m.name for m in pkgutil.iter_modules(families.__path__))
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
@@ -39,9 +40,15 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 
 @functools.cache  # the directory listing and the contract check, once per family
 def _module(name: str):
-  if name not in available():
+  if '.' in name:  # a family module of one's own, by its import path
+    try:
+      module = importlib.import_module(name)
+    except ImportError as e:
+      raise ConfigError(f'model.name={name!r}: no such module ({e})') from e
+  elif name in available():
+    module = importlib.import_module(f'{families.__name__}.{name}')
+  else:
     raise ConfigError(f'unknown model.name={name!r}; available: {", ".join(available())}')
-  module = importlib.import_module(f'{__name__}.{name}')
   contract.check_family(module)
   return module
 

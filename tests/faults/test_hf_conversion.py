@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from ar_jax import hf
 from ar_jax.errors import ConfigError
+from ar_jax.interop import hf
 from tests.faults.runner import one_line_error, run_command, sample_command
 from tests.helpers import run, subprocess_env
 from tests.test_convert import experiment, write_hf_dir

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from ar_jax import lock as lock_lib
 from ar_jax.errors import RunError
+from ar_jax.workdir import lock as lock_lib
 from tests.faults.runner import (
   TIMEOUT,
   command,

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from ar_jax import checkpoint
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
-from ar_jax import workdir as workdir_lib
 from ar_jax.errors import RunError
+from ar_jax.workdir import checkpoint
 from tests.faults.run_config import get_config
 from tests.faults.runner import (
   corrupt,
@@ -193,7 +193,7 @@ def test_every_file_kind_cut_short_or_changed_is_damage_or_harmless(corpus, fini
   damaged; never other values, and never an unexplained failure."""
   cfg = get_config(str(corpus))
   cfg.num_train_steps = 60
-  run_ = workdir_lib.setup(cfg, str(finished))
+  run_ = run_lib.setup(cfg, str(finished))
   abstract, _ = state_lib.abstract_state(run_.model, run_.tx, run_.mesh, cfg)
   with checkpoint.Checkpointer(str(finished), reader=True) as ckpt:
     saved, saved_data, _ = ckpt.restore(60, abstract)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ar_jax import study
 from ar_jax.errors import ConfigError
+from ar_jax.studies import reports
 
 
 def planted_root(tmp_path, experiment: str):
@@ -26,7 +26,7 @@ def test_a_roots_own_experiment_file_is_not_run(tmp_path, monkeypatch):
   root = planted_root(tmp_path, 'root/exp.py')
   (root / 'exp.py').write_text(code(tmp_path))
   with pytest.raises(ConfigError, match=r'inside the study root; .* --experiment=PATH'):
-    study.write_report('root')
+    reports.write_report('root')
   assert not (tmp_path / 'ran').exists()
 
 
@@ -39,5 +39,5 @@ def test_a_link_to_code_outside_the_current_directory_is_not_run(tmp_path, monke
   monkeypatch.chdir(here)
   planted_root(here, 'experiments/exp.py')
   with pytest.raises(ConfigError, match=f'outside the current directory {here}'):
-    study.write_report('root')
+    reports.write_report('root')
   assert not (tmp_path / 'ran').exists()

@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ar_jax import pipeline as pipeline_lib
 from ar_jax.errors import check
 from ar_jax.models import bptt, cells, layers
+from ar_jax.parallel import pipeline as pipeline_lib
 
 CELLS = ('elman', 'lstm', 'gru')
 

@@ -13,9 +13,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ar_jax import checkpoint, hf_files, lock, train, workdir
+from ar_jax import run as run_lib
 from ar_jax import state as state_lib
+from ar_jax import train, workdir
 from ar_jax.errors import ConfigError, check
+from ar_jax.interop import hf_files
+from ar_jax.workdir import checkpoint, lock
 
 ARCHITECTURE = 'GPT2LMHeadModel'
 GELU_TANH = ('gelu_new', 'gelu_pytorch_tanh')  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -282,7 +285,7 @@ def import_run(hf_dir: str, config: ml_collections.ConfigDict, run_dir: str) -> 
     not os.path.exists(os.path.join(run_dir, 'config.json')),
     f'workdir {run_dir} already holds a run; import into a new one',
   )
-  run = workdir.setup(config, run_dir, train=False, evaluation=False)
+  run = run_lib.setup(config, run_dir, train=False, evaluation=False)
   check(
     run.tokenizer.vocab_size == hf['vocab_size'],
     f'{hf_dir}: config.json has vocab_size={hf["vocab_size"]}, its tokenizer '

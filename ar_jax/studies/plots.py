@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from ar_jax import scaling
+from ar_jax.studies import scaling
 
 
 def figure(width: float = 6.0, height: float = 4.5):

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from ar_jax import flops, optim
+from ar_jax import optim
+from ar_jax.monitor import flops
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 

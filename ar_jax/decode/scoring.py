@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ar_jax import decoding
+from ar_jax.decode import sampling
 from ar_jax.errors import check
 
 
@@ -38,9 +38,9 @@ def score(
   check(
     continuations_BC.shape[0] == B, f'{B} prompts but {continuations_BC.shape[0]} continuations'
   )
-  prompt_B = decoding.checked_lengths(prompt_lengths, B, P, 'prompt')
+  prompt_B = sampling.checked_lengths(prompt_lengths, B, P, 'prompt')
   check(prompt_B.min() >= 1, 'scoring needs a prompt of at least one token in every row')
-  continuation_B = decoding.checked_lengths(continuation_lengths, B, C, 'continuation')
+  continuation_B = sampling.checked_lengths(continuation_lengths, B, C, 'continuation')
   longest = int((prompt_B + continuation_B).max())
   if model.max_len:
     check(

@@ -11,7 +11,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ar_jax.decoding import Generation, checked_prompts, decode_loop, eos_arg, prefill, repeat_rows
+from ar_jax.decode.sampling import (
+  Generation,
+  checked_prompts,
+  decode_loop,
+  eos_arg,
+  prefill,
+  repeat_rows,
+)
 from ar_jax.errors import check
 
 # Beam scores are log p divided by a penalty growing with the new tokens' length (eos counted).

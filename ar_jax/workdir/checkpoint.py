@@ -34,8 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ar_jax import checksums
 from ar_jax.errors import RunError
+from ar_jax.workdir import checksums
 
 log = logging.getLogger(__name__)  # ar_jax's own lines: cli.py keeps them at INFO
 

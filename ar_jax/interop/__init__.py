@@ -1,0 +1,1 @@
+"""Other tools' formats: Hugging Face checkpoints in and out, lm-evaluation-harness."""
