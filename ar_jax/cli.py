@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
+from ar_jax import platform
 from ar_jax.errors import Error
 
 
@@ -35,7 +36,9 @@ class _OwnInfoOnly(py_logging.Filter):
 
 
 def run(fn: Callable[[], None]) -> None:
-  """Runs an entry point's body; an ar_jax Error exits non-zero with its message alone."""
+  """Runs an entry point's body, with the platform's XLA defaults set before JAX starts; an
+  ar_jax Error exits non-zero with its message alone."""
+  platform.set_xla_defaults()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())

@@ -1,5 +1,6 @@
-"""Evaluation: the token cross-entropy, an eval step that sums it with the tokens and bytes it
-covers, and the evaluation of a run's parameters over every token of its eval splits."""
+"""Evaluation: an eval step that sums the token cross-entropy (objectives.cross_entropy) with
+the tokens and bytes it covers, and the evaluation of a run's parameters over every token of
+its eval splits."""
 
 import functools
 from collections.abc import Callable
@@ -9,48 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ar_jax import metrics, state, workdir
+from ar_jax import metrics, objectives, state, workdir
 from ar_jax import run as run_lib
-from ar_jax.data import batches
+from ar_jax.data import batches, tokenizers
 from ar_jax.parallel import sharding
-
-
-@jax.custom_vjp
-def token_nll(logits_BTV, targets_BT):
-  """-log softmax(logits)[target] per token, in float32 (or wider) whatever the logits are.
-
-  Its gradient, softmax(logits) - onehot(target), is written in one pass over the logits, in
-  their dtype: autodiff of the same formula (optax's) materialised float32 logits and their
-  float32 cotangent, 6.6 GB each for GPT-2 at batch 32 (its step on an H200: 69 ms that way,
-  67 this way). Equal to optax.softmax_cross_entropy_with_integer_labels, values and
-  gradients."""
-  return _nll_forward(logits_BTV, targets_BT)[0]
-
-
-def _nll_forward(logits_BTV, targets_BT):
-  wide_BTV = logits_BTV.astype(jnp.promote_types(jnp.float32, logits_BTV.dtype))
-  lse_BT = jax.nn.logsumexp(wide_BTV, axis=-1)
-  target_BT = jnp.take_along_axis(wide_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
-
-
-def _nll_backward(residuals, g_BT):
-  logits_BTV, targets_BT, lse_BT = residuals
-  probs_BTV = jnp.exp(logits_BTV.astype(lse_BT.dtype) - lse_BT[..., None])
-  onehot_BTV = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1])
-  grad_BTV = (probs_BTV - onehot_BTV) * g_BT[..., None]
-  return grad_BTV.astype(logits_BTV.dtype), None
-
-
-token_nll.defvjp(_nll_forward, _nll_backward)
-
-
-def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
-  """(sum of token losses, sum of weights); the loss is float32 whatever the logits were."""
-  losses_BT = token_nll(logits_BTV, targets_BT)
-  if weights_BT is None:
-    weights_BT = jnp.ones_like(losses_BT)
-  return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
 def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=None):
@@ -59,7 +22,7 @@ def eval_step(params, batch_BT, weights_BT, token_bytes_V, *, model, packed_eos=
   inputs_BT = batch_BT[:, :-1]
   packed = batches.segments(inputs_BT, packed_eos)
   logits_BTV = model.apply({'params': params}, inputs_BT, **packed)
-  nats, tokens = cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
+  nats, tokens = objectives.cross_entropy(logits_BTV, batch_BT[:, 1:], weights_BT)
   nbytes = jnp.sum(token_bytes_V[batch_BT[:, 1:]] * weights_BT)
   return {'nats': nats, 'tokens': tokens, 'bytes': nbytes}
 
@@ -120,11 +83,10 @@ class Evaluator:
       'eval/bits_per_byte': metrics.bits_per_unit(totals['nats'], totals['bytes']),
       'eval/tokens': totals['tokens'],
     }
-    if self.run.tokenizer.kind == 'char':
-      out['eval/bits_per_char'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
-    if self.run.tokenizer.kind == 'pixel':  # every target is a sub-pixel: one dimension
-      out['eval/bits_per_dim'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
-      # Each example is one image of seq_len sub-pixels.
+    unit = tokenizers.unit(self.run.tokenizer)
+    if unit:  # every target is one: a character, an image dimension
+      out[f'eval/bits_per_{unit}'] = metrics.bits_per_unit(totals['nats'], totals['tokens'])
+    if unit == 'dim':  # each example is one image of seq_len sub-pixels
       out['eval/nats_per_image'] = totals['nats'] / totals['tokens'] * cfg.data.seq_len
     return out
 

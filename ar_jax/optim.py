@@ -7,11 +7,9 @@ import optax
 
 from ar_jax.errors import check
 
-# Parameters never decayed, by name: norm scales (and biases, any name ending in 'bias'), as
-# nanoGPT; and what sets a linear recurrence's decay rates or skips its state (Mamba's A_log
-# and D, which Gu and Dao's code exempts; the RG-LRU's L, of the same kind): decaying them
-# toward 0 changes how long the state remembers, not how large a weight is.
-NO_DECAY = ('scale', 'a_log', 'skip', 'a_param')
+# Parameters never decayed, by name, in every family: norm scales (and biases, any name
+# ending in 'bias'), as nanoGPT. A family adds its own (contract.Capabilities.no_decay).
+NO_DECAY = ('scale',)
 
 
 def warmup_steps(optim: Any, num_train_steps: int) -> int:
@@ -34,23 +32,28 @@ def schedule(optim: Any, num_train_steps: int) -> optax.Schedule:
   )
 
 
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and embeddings (positions too), never on biases, norm scales or
-  a recurrence's decay rates (NO_DECAY).
+def decay_mask(no_decay: tuple[str, ...] = ()):
+  """The mask of weight decay: on matrices and embeddings (positions too), never on biases,
+  norm scales (NO_DECAY) or the family's `no_decay` names (a recurrence's decay rates).
 
   Decided by parameter name, not rank: with scanned layers a bias has a layer axis too.
   """
+  exempt = set(NO_DECAY) | set(no_decay)
 
   def name(path):  # the innermost dict key: boxes for logical axes add attribute keys
     return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
 
   def decayed(path, _):
-    return not (name(path) in NO_DECAY or name(path).endswith('bias'))
+    return not (name(path) in exempt or name(path).endswith('bias'))
 
-  return jax.tree_util.tree_map_with_path(decayed, params)
+  return lambda params: jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(optim: Any, num_train_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: Any, num_train_steps: int, no_decay: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
+  """AdamW on `optim`'s settings; `no_decay`: the family's parameter names exempt from weight
+  decay (models.capabilities(name).no_decay)."""
   check(optim.learning_rate > 0, f'optim.learning_rate must be positive, got {optim.learning_rate}')
   check(optim.grad_clip_norm >= 0, f'optim.grad_clip_norm must be >= 0, got {optim.grad_clip_norm}')
   adamw = optax.adamw(
@@ -59,7 +62,7 @@ def make_optimizer(optim: Any, num_train_steps: int) -> optax.GradientTransforma
     b2=optim.b2,
     eps=optim.eps,
     weight_decay=optim.weight_decay,
-    mask=_decay_mask,
+    mask=decay_mask(no_decay),
   )
   if optim.grad_clip_norm:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)

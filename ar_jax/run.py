@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import optax
 
-from ar_jax import data, models, optim, scheduled_sampling
+from ar_jax import data, models, objectives, optim
 from ar_jax.data import tokenizers
 from ar_jax.errors import check
 from ar_jax.monitor import profiling, writers
@@ -37,7 +37,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.data.seq_len > 0, f'data.seq_len must be positive, got {config.data.seq_len}')
   for name in ('eval_batches', 'eval_batch_size'):  # 0 means: all of them, batch_size
     check(config[name] >= 0, f'{name} must be >= 0 (0 = the default), got {config[name]}')
-  scheduled_sampling.validate(config.scheduled_sampling)
+  objectives.validate(config.scheduled_sampling)
   profiling.validate(config.profile)
   check(
     config.wandb.mode in writers.WANDB_MODES,
@@ -142,5 +142,7 @@ def setup(
       f'a batch of {n} rows ({name}) does not split into {stages.microbatches} pipeline '
       f'microbatches over the data-parallel size {dp}',
     )
-  tx = optim.make_optimizer(config.optim, config.num_train_steps)
+  tx = optim.make_optimizer(
+    config.optim, config.num_train_steps, models.capabilities(config.model.name).no_decay
+  )
   return Run(config, workdir, streams, model, train_model, mesh, tx)

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from ar_jax import decode, evaluation, finite, preemption, scheduled_sampling
+from ar_jax import decode, evaluation, finite, objectives, preemption
 from ar_jax import run as run_lib
 from ar_jax import state as state_lib
 from ar_jax import workdir as workdir_lib
 from ar_jax.data import batches
-from ar_jax.errors import ConfigError, check
+from ar_jax.errors import ConfigError
 from ar_jax.monitor import profiling, progress, writers
 from ar_jax.parallel import sharding
 from ar_jax.workdir import checkpoint, lock
@@ -32,83 +32,24 @@ def train_step(
   state: state_lib.TrainState,
   batch_BT: jax.Array,
   *,
-  model,
+  objective: objectives.Objective,
   tx,
   seed: int,
   skip_nonfinite: bool,
   accum_steps: int,
-  scheduled: Any = None,
-  packed_eos: int | None = None,
+  cache_batch_axis: int,
 ):
-  """One AdamW step on the mean token cross-entropy under teacher forcing.
-
-  The batch may be cut into accum_steps microbatches whose gradients are averaged before
-  clipping and the update (every microbatch has the same token count, so this is the
-  token-weighted mean). With a carry in the state, the batch continues each row's stream
-  from it; gradients stop at the window boundary (truncated BPTT). With skip_nonfinite, a
-  step whose loss or gradient is not finite changes nothing. `scheduled` (the config's
-  scheduled_sampling, or None) feeds the model some of its own samples as inputs. With
-  packed_eos, windows hold several documents, each starting at that token, and no position
-  sees another document's (recurrent models reset their state at it in any case).
-  """
+  """One optimizer step on the objective (ar_jax/objectives.py) over the batch, cut into
+  accum_steps microbatches whose gradients are averaged before clipping and the update. With
+  skip_nonfinite, a step whose loss or gradient is not finite changes nothing."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  eps = None if scheduled is None else scheduled_sampling.probability(scheduled, state.step)
-
-  def loss_fn(params, micro_BT, carry, micro_rng):
-    dropout_rng, sampling_rng = jax.random.split(micro_rng)
-
-    def apply(tokens_BT, *cache, rng=dropout_rng, **kw):
-      return model.apply({'params': params}, tokens_BT, *cache, rngs={'dropout': rng}, **kw)
-
-    inputs_BT = micro_BT[:, :-1]
-    # The cached step (recurrent models) resets its state at eos without being told.
-    packed = batches.segments(inputs_BT, packed_eos)
-    if eps is not None and model.sequential:  # exact, one step at a time
-      cache = model.init_cache(*inputs_BT.shape) if carry is None else carry
-      step = lambda t_B1, c, t: apply(
-        t_B1, jax.lax.stop_gradient(c), rng=jax.random.fold_in(dropout_rng, t), method=model.step
-      )
-      logits_BTV, cache, _ = scheduled_sampling.step_by_step(
-        step, inputs_BT, cache, eps, sampling_rng
-      )
-      carry = None if carry is None else cache
-    elif eps is not None:
-      check(carry is None, 'scheduled sampling with a carried state needs a recurrent model')
-      two_pass_apply = functools.partial(apply, **packed)
-      logits_BTV = scheduled_sampling.two_pass(two_pass_apply, inputs_BT, eps, sampling_rng)
-    elif carry is None:
-      logits_BTV = apply(inputs_BT, **packed)
-    else:
-      logits_BTV, carry = apply(inputs_BT, jax.lax.stop_gradient(carry), method=model.step)
-    total, count = evaluation.cross_entropy(logits_BTV, micro_BT[:, 1:])
-    return total / count, carry
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if accum_steps == 1:
-    (loss, carry), grads = grad_fn(state.params, batch_BT, state.carry, rng)
-  else:
-    # Row r goes to microbatch r % accum_steps: every device keeps its share of each one.
-    split = lambda x, axis=0: jnp.moveaxis(
-      x.reshape(*x.shape[:axis], -1, accum_steps, *x.shape[axis + 1 :]), axis + 1, 0
-    )
-    axis = model.cache_batch_axis
-    carries = jax.tree.map(lambda c: split(c, axis) if c.ndim else c, state.carry)
-
-    def micro(grads_sum, inputs):
-      micro_BT, carry, i = inputs
-      (loss, carry), grads = grad_fn(state.params, micro_BT, carry, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, grads_sum, grads), (loss, carry)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (losses, carries) = jax.lax.scan(
-      micro, zeros, (split(batch_BT), carries, jnp.arange(accum_steps))
-    )
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    loss = losses.mean()
-    merge = lambda c: jnp.moveaxis(c, 0, axis + 1).reshape(
-      *c.shape[1 : axis + 1], -1, *c.shape[axis + 2 :]
-    )
-    carry = jax.tree.map(lambda c: merge(c) if c.ndim > 1 else c[0], carries)
+  grad_fn = jax.value_and_grad(
+    lambda params, batch, carry, rng: objective(params, batch, carry, rng, state.step),
+    has_aux=True,
+  )
+  (loss, carry), grads = objectives.accumulate(
+    grad_fn, state.params, batch_BT, state.carry, rng, accum_steps, cache_batch_axis
+  )
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state_lib.TrainState(
@@ -148,15 +89,12 @@ class Trainer:
     self.jitted_train = jax.jit(
       functools.partial(
         train_steps,
-        model=run.train_model,
+        objective=objectives.make(run.train_model, run.config, run.packed_eos),
         tx=run.tx,
         seed=run.config.seed,
         skip_nonfinite=run.config.nan_policy == 'skip',
         accum_steps=run.config.grad_accum_steps,
-        scheduled=None
-        if run.config.scheduled_sampling.schedule == 'none'
-        else run.config.scheduled_sampling,
-        packed_eos=run.packed_eos,
+        cache_batch_axis=run.model.cache_batch_axis,
       ),
       in_shardings=(shardings, self.stacked_sharding),
       out_shardings=(shardings, sharding.replicated(run.mesh)),
@@ -276,84 +214,106 @@ def train_and_evaluate(
         stream.set_state(data_state)
       eval_pending = saved_meta.get('eval_pending', False)
       log.info('resumed from the checkpoint at step %d', saved_step)
-    step = first_step = int(state.step)
-    if step < config.num_train_steps:
-      workdir_lib.unfinished(workdir)
-    meta = checkpoint_meta(run)
-    trainer = Trainer(run, shardings)
-    evaluator = evaluation.Evaluator(run, shardings.params)
-    writer = writers.MetricWriter(workdir, resume_step=step, config=config)
-    trace = profiling.Trace(config, workdir)
-    meter = progress.Progress(run, trainer.stopwatch, state_lib.count_params(state.params))
-
-    final_eval, pending, stopped = {}, [], False
-    try:
-      with preemption.stop_requests() as stop:
-
-        def evaluate():  # True when it finished, False when a stop request cut it short
-          nonlocal final_eval
-          result = meter.evaluate(evaluator, state.params, step, stop.requested)
-          if result is not None:
-            final_eval = finite.evaluation(result, step, config.nan_policy, ckpt.latest_step())
-            writer.write(step, final_eval)
-          return result is not None
-
-        if eval_pending:  # the evaluation at the checkpoint's step was cut short by a stop
-          stopped = not evaluate()
-        for k in [] if stopped else chunk_sizes(step, config, trace.marks()):
-          local = np.stack([next(stream) for _ in range(k)])
-          trace.before(step)
-          state, step_metrics = trainer.train(state, local)
-          pending.append(step_metrics)
-          step += k
-          trace.after(step, state)
-          at = lambda every: step % every == 0 or step == config.num_train_steps  # noqa: B023
-          ckpt.check()  # a background save that failed stops the run here
-          if workdir_lock is not None:
-            workdir_lock.check()  # a lock lost (a long stall on a shared filesystem)
-          stopped = stop.requested()
-          if at(config.log_every_steps) or at(config.checkpoint_every_steps) or stopped:
-            # Nothing reaches a checkpoint or the log before it is known to be finite.
-            host = finite.training(
-              jax.device_get(pending), step, config.nan_policy, ckpt.latest_step()
-            )
-          if at(config.log_every_steps):
-            writer.write(step, meter.log(step, host))
-            pending = []
-          eval_pending = at(config.eval_every_steps) and (stopped or not evaluate())
-          stopped = stopped or eval_pending
-          if at(config.checkpoint_every_steps) or stopped:
-            ckpt.save(step, state, stream.get_state(), {**meta, 'eval_pending': eval_pending})
-          if stopped:
-            break
-      if stopped:
-        ckpt.wait()  # the checkpoint is on disk before the run says so
-        log.warning(
-          'stopped by signal %s at step %d: checkpoint saved; start again with the same '
-          'workdir to continue',
-          stop.signal,
-          step,
-        )
-      elif step == first_step and not final_eval:  # nothing left to train: where it stands
-        final_eval = finite.evaluation(
-          evaluator.evaluate(state.params), step, config.nan_policy, ckpt.latest_step()
-        )
-    finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
-      trace.finish()
-      writer.close()
-  if not stopped:
-    text, sample_speed = write_sample(run, state.params, step)
-    log.info('sample at step %d:\n%s', step, text)
+    loop = Loop(run, shardings, state, ckpt, workdir_lock)
+    loop.train(stream, eval_pending)
+  if not loop.stopped:
+    text, sample_speed = write_sample(run, loop.state.params, loop.step)
+    log.info('sample at step %d:\n%s', loop.step, text)
     summary = {
-      'step': step,
-      **final_eval,
-      'num_params': meter.num_params,
-      'forward_flops_per_token': meter.flops_per_token / 3,
-      **trainer.memory(state),
+      'step': loop.step,
+      **loop.final_eval,
+      'num_params': loop.meter.num_params,
+      'forward_flops_per_token': loop.meter.flops_per_token / 3,
+      **loop.trainer.memory(loop.state),
       'sample/tokens_per_sec': sample_speed,
     }
     workdir_lib.write_final(workdir, summary)
-  return final_eval
+  return loop.final_eval
+
+
+class Loop:
+  """A run's training from a state: dispatches of steps, their log, evaluations and
+  checkpoints on schedule, and a clean stop at a stop request."""
+
+  def __init__(self, run, shardings, state, ckpt, workdir_lock):
+    config, workdir = run.config, run.workdir
+    self.run, self.state, self.ckpt, self.workdir_lock = run, state, ckpt, workdir_lock
+    self.step = int(state.step)
+    if self.step < config.num_train_steps:
+      workdir_lib.unfinished(workdir)
+    self.meta = checkpoint_meta(run)
+    self.trainer = Trainer(run, shardings)
+    self.evaluator = evaluation.Evaluator(run, shardings.params)
+    self.writer = writers.MetricWriter(workdir, resume_step=self.step, config=config)
+    self.trace = profiling.Trace(config, workdir)
+    self.meter = progress.Progress(
+      run, self.trainer.stopwatch, state_lib.count_params(state.params)
+    )
+    self.final_eval, self.pending, self.stopped = {}, [], False
+
+  def train(self, stream, eval_pending: bool) -> None:
+    config, first_step = self.run.config, self.step
+    try:
+      with preemption.stop_requests() as self.stop:
+        if eval_pending:  # the evaluation at the checkpoint's step was cut short by a stop
+          self.stopped = not self._evaluate()
+        for k in [] if self.stopped else chunk_sizes(self.step, config, self.trace.marks()):
+          self._dispatch(np.stack([next(stream) for _ in range(k)]), stream)
+          if self.stopped:
+            break
+      if self.stopped:
+        self.ckpt.wait()  # the checkpoint is on disk before the run says so
+        log.warning(
+          'stopped by signal %s at step %d: checkpoint saved; start again with the same '
+          'workdir to continue',
+          self.stop.signal,
+          self.step,
+        )
+      elif self.step == first_step and not self.final_eval:  # nothing to train: where it stands
+        self.final_eval = self._finite(self.evaluator.evaluate(self.state.params))
+    finally:  # on an error too: the metrics are flushed (the Checkpointer closes itself)
+      self.trace.finish()
+      self.writer.close()
+
+  def _dispatch(self, local_KBT: np.ndarray, stream) -> None:
+    """K steps, then what falls due at the step they end on: the log, an evaluation, a
+    checkpoint (also on a stop request)."""
+    config = self.run.config
+    self.trace.before(self.step)
+    self.state, step_metrics = self.trainer.train(self.state, local_KBT)
+    self.pending.append(step_metrics)
+    self.step += len(local_KBT)
+    self.trace.after(self.step, self.state)
+    at = lambda every: self.step % every == 0 or self.step == config.num_train_steps
+    self.ckpt.check()  # a background save that failed stops the run here
+    if self.workdir_lock is not None:
+      self.workdir_lock.check()  # a lock lost (a long stall on a shared filesystem)
+    self.stopped = self.stop.requested()
+    if at(config.log_every_steps) or at(config.checkpoint_every_steps) or self.stopped:
+      # Nothing reaches a checkpoint or the log before it is known to be finite.
+      host = finite.training(
+        jax.device_get(self.pending), self.step, config.nan_policy, self.ckpt.latest_step()
+      )
+    if at(config.log_every_steps):
+      self.writer.write(self.step, self.meter.log(self.step, host))
+      self.pending = []
+    eval_pending = at(config.eval_every_steps) and (self.stopped or not self._evaluate())
+    self.stopped = self.stopped or eval_pending
+    if at(config.checkpoint_every_steps) or self.stopped:
+      meta = {**self.meta, 'eval_pending': eval_pending}
+      self.ckpt.save(self.step, self.state, stream.get_state(), meta)
+
+  def _evaluate(self) -> bool:
+    """True when it finished, False when a stop request cut it short."""
+    result = self.meter.evaluate(self.evaluator, self.state.params, self.step, self.stop.requested)
+    if result is not None:
+      self.final_eval = self._finite(result)
+      self.writer.write(self.step, self.final_eval)
+    return result is not None
+
+  def _finite(self, metrics: dict) -> dict:
+    config = self.run.config
+    return finite.evaluation(metrics, self.step, config.nan_policy, self.ckpt.latest_step())
 
 
 def _check_prompt(run: run_lib.Run) -> None:

@@ -31,9 +31,11 @@ sys.path.insert(0, str(REPO))
 # JAX takes memory as it needs it, not 75% of the GPU up front: PyTorch runs in this process.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-import ar_jax  # noqa: E402, F401 - its XLA defaults (cuBLAS matmuls), before JAX starts
+from ar_jax import platform  # noqa: E402
 from bench import torch_models  # noqa: E402
 from bench.timing import ar_jax_config, ar_jax_rate  # noqa: E402
+
+platform.set_xla_defaults()  # before JAX starts: cuBLAS matmuls
 
 flags.DEFINE_float('peak_tflops', 989.0, 'Datasheet dense bf16 peak of the GPU (H200: 989).')
 flags.DEFINE_bool('tiny', False, 'Toy sizes, ar_jax only: a smoke test of every code path.')
@@ -144,7 +146,7 @@ def breakdown(s: Sizes, batch: int, repeats: int) -> str:
   import jax.numpy as jnp
   import numpy as np
 
-  from ar_jax import evaluation, models
+  from ar_jax import models, objectives
 
   c = gpt2_config(s, batch, 'none', True)
   model = models.get_model(c.model, s.vocab)
@@ -152,7 +154,7 @@ def breakdown(s: Sizes, batch: int, repeats: int) -> str:
   params = jax.jit(model.init)(jax.random.key(0), tokens[:1, :8])['params']
 
   def loss(p):
-    total, count = evaluation.cross_entropy(
+    total, count = objectives.cross_entropy(
       model.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:]
     )
     return total / count

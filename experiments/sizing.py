@@ -44,14 +44,8 @@ def match_width(model, target: float, which: int, vocab_size: int, seq_len: int)
 
 
 def set_width(model, width: int) -> None:
-  """The width of a recurrent model (its state; the residual stream of a recurrence linear in
-  the state) or a convolutional one (its channels)."""
-  if model.name == 'rnn':
-    model.d_hidden = width
-  elif model.name in ('minrnn', 'hawk', 'mamba'):  # their state and MLP widths follow d_model
-    model.d_model = width
-  elif model.name == 'conv':  # the residual stack, its skips (WaveNet) and the head
-    model.channels = model.head_channels = width
-    model.skip_channels = width if model.skip_channels else 0
-  else:
-    raise ValueError(f'no width to solve for model.name={model.name!r}')
+  """The family's width fields (contract.Capabilities.width) set to `width`, those set to 0
+  (off, or derived) left at 0."""
+  for field in models.capabilities(model.name).width:
+    if model[field]:
+      model[field] = width

@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import zlib
 
 import flax.linen as nn
 import jax
@@ -156,15 +157,16 @@ def random_model(name: str, vocab_size: int, variant: str = '', seed: int = 0, *
 def random_params(model, seed: int = 0):
   """Parameters for `model` drawn with numpy, which skips compiling the initializers (seconds
   on CPU); any parameters make a model. Matrices get variance 1 / fan-in (taking every axis
-  but the last as input), so logits stay of order one however deep the family's stack."""
+  but the last as input), so logits stay of order one however deep the family's stack. Each
+  is drawn from (seed, its path), so a change elsewhere in the tree draws it alike."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda s: jnp.asarray(
-      rng.normal(0.0, 1 / math.sqrt(math.prod(s.shape[:-1])), s.shape), s.dtype
-    ),
-    nn.unbox(shapes['params']),
-  )
+
+  def draw(path, s):
+    key = zlib.crc32(jax.tree_util.keystr(path).encode())
+    rng = np.random.default_rng([seed, key])
+    return jnp.asarray(rng.normal(0.0, 1 / math.sqrt(math.prod(s.shape[:-1])), s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes['params']))
 
 
 def position_jacobian(model, params, tokens_BT, segment_ids_BT=None) -> np.ndarray:

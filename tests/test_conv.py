@@ -44,11 +44,13 @@ def test_causal_and_receptive_field_by_gradients(variant):
 
 def test_receptive_field_is_the_formula():
   # (kernel_size - 1) * sum(dilations) + 1: kernel 2 doubles it with every dilated layer.
-  assert conv.Config(V, layers_per_block=10).receptive_field == 1024
-  assert conv.Config(V, layers_per_block=12).receptive_field == 4096
-  assert conv.Config(V, layers_per_block=10, num_blocks=3).receptive_field == 3 * 1023 + 1
-  assert conv.Config(V, kernel_size=3, layers_per_block=4).receptive_field == 2 * 15 + 1
-  assert conv.Config(V, **PLAIN).receptive_field == 2 * 3 + 1
+  assert conv.Config(vocab_size=V, layers_per_block=10).receptive_field == 1024
+  assert conv.Config(vocab_size=V, layers_per_block=12).receptive_field == 4096
+  assert (
+    conv.Config(vocab_size=V, layers_per_block=10, num_blocks=3).receptive_field == 3 * 1023 + 1
+  )
+  assert conv.Config(vocab_size=V, kernel_size=3, layers_per_block=4).receptive_field == 2 * 15 + 1
+  assert conv.Config(vocab_size=V, **PLAIN).receptive_field == 2 * 3 + 1
   assert make(**WAVENET)[0].config.dilations == (1, 2, 4, 1, 2, 4)
 
 

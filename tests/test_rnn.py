@@ -40,7 +40,7 @@ def worked_model(b_y):
   """The worked example's Elman RNN in the real model code; kernels are stored transposed
   ([in, out])."""
   model, params = make(vocab=4, cell='elman', num_layers=1, d_embed=3, d_hidden=3)
-  layer = params['layer_0']
+  layer = params['block_0']['layer']
   params['embed']['embedding'] = jnp.asarray(EMBED, jnp.float32)
   layer['input_kernel'] = jnp.asarray(W_X.T, jnp.float32)
   layer['bias'] = jnp.asarray(B_H, jnp.float32)
@@ -76,9 +76,9 @@ def numpy_bptt(params, tokens):
   """BPTT written out in float64 for a one-layer Elman RNN and one sequence: e_t = p_t -
   onehot(x_{t+1}), r_t = f'(a_t) * (W_y^T e_t + W_h^T r_{t+1}), dW_h = sum_t r_t h_{t-1}^T."""
   E = np.asarray(params['embed']['embedding'], np.float64)
-  W_xh = np.asarray(params['layer_0']['input_kernel'], np.float64).T
-  W_hh = np.asarray(params['layer_0']['recurrent_kernel'], np.float64).T
-  b_h = np.asarray(params['layer_0']['bias'], np.float64)
+  W_xh = np.asarray(params['block_0']['layer']['input_kernel'], np.float64).T
+  W_hh = np.asarray(params['block_0']['layer']['recurrent_kernel'], np.float64).T
+  b_h = np.asarray(params['block_0']['layer']['bias'], np.float64)
   W_ho = np.asarray(params['head']['kernel'], np.float64).T
   b_o = np.asarray(params['head']['bias'], np.float64)
   T = len(tokens) - 1
@@ -121,9 +121,9 @@ def test_hand_written_bptt_equals_jax_grad():
     ours = grad(params, jnp.asarray(tokens)[None])
     ref = numpy_bptt(params, tokens)
     pairs = {
-      'W_xh': ours['layer_0']['input_kernel'].T,
-      'W_hh': ours['layer_0']['recurrent_kernel'].T,
-      'b_h': ours['layer_0']['bias'],
+      'W_xh': ours['block_0']['layer']['input_kernel'].T,
+      'W_hh': ours['block_0']['layer']['recurrent_kernel'].T,
+      'b_h': ours['block_0']['layer']['bias'],
       'W_ho': ours['head']['kernel'].T,
       'b_o': ours['head']['bias'],
       'E': ours['embed']['embedding'],
@@ -148,7 +148,9 @@ def test_float64_parameters_compute_in_float64_under_x64():
 
     grad = jax.grad(loss)(params)
     ref = numpy_bptt(params, tokens)
-    np.testing.assert_allclose(grad['layer_0']['recurrent_kernel'].T, ref['W_hh'], atol=1e-12)
+    np.testing.assert_allclose(
+      grad['block_0']['layer']['recurrent_kernel'].T, ref['W_hh'], atol=1e-12
+    )
     cache = model.init_cache(1)
     _, after = model.apply({'params': params}, jnp.asarray(tokens)[None], cache, method='step')
     assert jax.tree.map(lambda a: a.dtype, after) == jax.tree.map(lambda a: a.dtype, cache)
@@ -190,12 +192,12 @@ def test_gated_cells_match_a_float64_reference(cell):
   tokens = jax.random.randint(jax.random.key(3), (3, 9), 0, 11)
   xs = np.asarray(params['embed']['embedding'], np.float64)[np.asarray(tokens)]
   for i in range(2):
-    xs = reference_layer(cell, params[f'layer_{i}'], xs)
+    xs = reference_layer(cell, params[f'block_{i}']['layer'], xs)
   head = params['head']
   expected = xs @ np.asarray(head['kernel'], np.float64) + np.asarray(head['bias'])
   np.testing.assert_allclose(model.apply({'params': params}, tokens), expected, atol=2e-5)
   if cell == 'lstm':  # forget-gate bias initialisation: the second gate block starts at 1
-    bias = np.asarray(params['layer_0']['bias']).reshape(4, -1)
+    bias = np.asarray(params['block_0']['layer']['bias']).reshape(4, -1)
     assert (bias[1] == 1.0).all() and (bias[[0, 2, 3]] == 0.0).all()
 
 
@@ -251,7 +253,7 @@ def test_bfloat16_compute_tracks_float32(cell):
     assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-6
   # The kernels' gradients are accumulated and returned in float32, not rounded to bf16.
   for name in ('input_kernel', 'recurrent_kernel'):
-    grad = np.asarray(g16['layer_1'][name])
+    grad = np.asarray(g16['block_1']['layer'][name])
     assert (grad != grad.astype(jnp.bfloat16).astype(np.float32)).any(), name
 
 

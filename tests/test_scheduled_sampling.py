@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ar_jax import models, scheduled_sampling
+from ar_jax import models, objectives
 from tests.helpers import family_config, one_step
 
 
@@ -15,17 +15,17 @@ def schedule(name, max_prob=0.5, steps=100):
 
 def test_schedules_rise_to_max_prob():
   linear = schedule('linear')
-  assert [float(scheduled_sampling.probability(linear, s)) for s in (0, 50, 100, 500)] == [
+  assert [float(objectives.probability(linear, s)) for s in (0, 50, 100, 500)] == [
     0.0,
     0.25,
     0.5,
     0.5,
   ]
   sigmoid = schedule('inverse_sigmoid')
-  eps = [float(scheduled_sampling.probability(sigmoid, s)) for s in range(0, 400, 10)]
+  eps = [float(objectives.probability(sigmoid, s)) for s in range(0, 400, 10)]
   assert eps[0] < 0.05 and eps[-1] == pytest.approx(0.5, abs=1e-3)
   assert all(a <= b for a, b in zip(eps, eps[1:], strict=False))
-  assert float(scheduled_sampling.probability(schedule('constant'), 7)) == 0.5
+  assert float(objectives.probability(schedule('constant'), 7)) == 0.5
 
 
 @pytest.mark.parametrize('family', ['transformer', 'rnn'])
@@ -53,9 +53,7 @@ def test_eps_one_feeds_the_recurrent_model_its_own_samples():
 
   def run(tokens_BT):
     step = lambda t_B1, c, t: model.apply({'params': params}, t_B1, c, method=model.step)
-    return scheduled_sampling.step_by_step(
-      step, tokens_BT, model.init_cache(3), 1.0, jax.random.key(1)
-    )
+    return objectives.step_by_step(step, tokens_BT, model.init_cache(3), 1.0, jax.random.key(1))
 
   truth = jax.random.randint(jax.random.key(2), (3, 9), 0, 11)
   logits, _, fed = run(truth)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ar_jax import evaluation, models, optim, train
+from ar_jax import evaluation, models, objectives, optim, platform, train
 from ar_jax import run as run_lib
 from ar_jax import state as state_lib
 from ar_jax.data import batches
@@ -38,7 +38,7 @@ def test_token_loss_and_its_gradient_equal_optax_and_keep_the_logits_dtype(dtype
   weights = jax.random.uniform(jax.random.key(2), (3, 5))
 
   def ours(x):
-    return jnp.sum(evaluation.token_nll(x, targets) * weights)
+    return jnp.sum(objectives.token_nll(x, targets) * weights)
 
   def optax_(x):
     losses = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), targets)
@@ -53,24 +53,23 @@ def test_token_loss_and_its_gradient_equal_optax_and_keep_the_logits_dtype(dtype
 
 
 def test_xla_defaults_add_cublas_matmuls_unless_the_user_chose(monkeypatch):
-  import ar_jax
-
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-  ar_jax._xla_defaults()
+  platform.set_xla_defaults()
   assert os.environ['XLA_FLAGS'].split() == [
     '--xla_force_host_platform_device_count=8',
     '--xla_gpu_enable_triton_gemm=false',
   ]
   monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=true')
-  ar_jax._xla_defaults()
+  platform.set_xla_defaults()
   assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_triton_gemm=true'
 
 
 def test_weight_decay_skips_biases_norms_and_decay_rates():
   """Decayed: matrices. Not: biases, norm scales, and a linear recurrence's decay rates and
-  skip (Mamba's A_log, dt_bias and D; Hawk's L and its gates' bias), by their models' names."""
+  skip (Mamba's A_log, dt_bias and D; Hawk's L and its gates' bias), by the names their
+  families declare."""
   params = {'block': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}, 'ln': {'scale': np.ones(2)}}
-  mask = optim._decay_mask(params)
+  mask = optim.decay_mask()(params)
   assert mask == {'block': {'kernel': True, 'bias': False}, 'ln': {'scale': False}}
   expected = {
     'mamba': {'a_log': False, 'dt_bias': False, 'skip': False, 'x_proj': {'kernel': True}},
@@ -79,7 +78,8 @@ def test_weight_decay_skips_biases_norms_and_decay_rates():
   for family, wanted in expected.items():
     model = models.get_model(models.tiny_configs(family)[family], 13)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    block = optim._decay_mask(nn.unbox(shapes['params']))['block_0']
+    mask = optim.decay_mask(models.capabilities(family).no_decay)
+    block = mask(nn.unbox(shapes['params']))['block_0']
     assert {k: block[k] for k in wanted} == wanted, block
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ar_jax import models
 from ar_jax.errors import ConfigError
-from ar_jax.models import layers
+from ar_jax.models import layers, numerics
 
 V = 13
 
@@ -86,7 +86,7 @@ def test_fused_attention_equals_the_written_out_one(cached):
     segments = jnp.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
     mask = jnp.tril(jnp.ones((T, T), bool)) & (segments[:, :, None] == segments[:, None, :])
   fused = lambda q, k, v: layers.attend(q, k, v, mask, 'xla')
-  written = lambda q, k, v: layers.attend_written_out(q, k, v, mask, lambda p: p)
+  written = lambda q, k, v: layers.attend_written_out(q, k, v, mask, lambda p: p, numerics.FLOAT32)
   np.testing.assert_allclose(fused(q, k, v), written(q, k, v), atol=1e-6)
   grads = [
     jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -96,27 +96,37 @@ def test_fused_attention_equals_the_written_out_one(cached):
   causal = layers.attend(q[:, :6], k[:, :6], v[:, :6], None, 'xla', is_causal=True)
   tril = jnp.tril(jnp.ones((1, 6, 6), bool))
   np.testing.assert_allclose(
-    causal, layers.attend_written_out(q[:, :6], k[:, :6], v[:, :6], tril, lambda p: p), atol=1e-6
+    causal,
+    layers.attend_written_out(q[:, :6], k[:, :6], v[:, :6], tril, lambda p: p, numerics.FLOAT32),
+    atol=1e-6,
   )
 
 
-def test_auto_attention_is_written_out_on_a_cpu():
-  assert layers.attention_implementation('auto', jnp.bfloat16) == 'einsum'  # this is a CPU
+def test_auto_attention_is_written_out_on_the_cpu_path_only():
+  cpu, accelerator = (numerics.policy('bfloat16', path) for path in ('cpu', 'accelerator'))
+  assert layers.attention_implementation('auto', cpu) == 'einsum'
+  # cuDNN's kernel only on a GPU: this is a CPU, where the accelerators' path takes XLA's.
+  assert layers.attention_implementation('auto', accelerator) == 'xla'
+  assert numerics.policy('bfloat16').cpu  # 'auto' on this CPU
   with pytest.raises(ConfigError, match="attention='flash'; allowed: auto, einsum, xla, cudnn"):
-    layers.attention_implementation('flash', jnp.float32)
+    layers.attention_implementation('flash', numerics.FLOAT32)
 
 
+@pytest.mark.parametrize('path', ['cpu', 'accelerator'])
 @pytest.mark.parametrize('transpose_b', [False, True])
 @pytest.mark.parametrize('batch', [(), (2, 3)])
-def test_half_matmul_takes_its_gradient_products_in_bfloat16(batch, transpose_b):
-  """On a CPU, a bf16 matmul returns float32, and its gradient is the two products of the
-  bf16-rounded cotangent with the bf16 operands, accumulated in float32 and returned in the
-  operands' own dtype (float32 here, as parameters are)."""
+def test_half_matmul_takes_its_gradient_products_in_bfloat16(batch, transpose_b, path):
+  """A bf16 matmul returning float32 (the CPU path's activations; attention's scores on
+  either path) takes its gradient as the two products of the bf16-rounded cotangent with the
+  bf16 operands, accumulated in float32 and returned in the operands' own dtype (float32
+  here, as parameters are)."""
   M, K, N = 5, 7, 6
   a = jax.random.normal(jax.random.key(0), (*batch, M, K))
   b = jax.random.normal(jax.random.key(1), (*batch, N, K) if transpose_b else (*batch, K, N))
   g = jax.random.normal(jax.random.key(2), (*batch, M, N))
-  out, vjp = jax.vjp(lambda a, b: layers.matmul(a, b, jnp.bfloat16, transpose_b), a, b)
+  p = numerics.policy('bfloat16', path)
+  matmul = lambda a, b: numerics.matmul(a, b, p, transpose_b, out_dtype=jnp.float32)
+  out, vjp = jax.vjp(matmul, a, b)
   da, db = vjp(g)
   half = lambda x: np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
   bt = np.swapaxes(half(b), -1, -2) if transpose_b else half(b)
@@ -127,7 +137,8 @@ def test_half_matmul_takes_its_gradient_products_in_bfloat16(batch, transpose_b)
   if transpose_b:
     db_expected = np.swapaxes(db_expected, -1, -2)
   np.testing.assert_allclose(db, db_expected, rtol=1e-5, atol=1e-5)
-  # A NaN cotangent leaves the gradient non-finite (the materialised transpose's branch).
+  # A NaN cotangent leaves the gradient non-finite (on the CPU path, the materialised
+  # transpose's branch).
   assert not np.isfinite(vjp(g.at[(0,) * g.ndim].set(jnp.nan))[1]).all()
 
 

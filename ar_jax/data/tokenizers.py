@@ -21,6 +21,14 @@ ENCODE_BATCH_CHARS = 8 << 20  # data.invalid_utf8: a text document that is not U
 # Tokens that are numbers: sub-pixel values (data/images.py), mu-law audio levels
 # (data/audio.py). Text reads and writes them as whitespace-separated integers.
 VALUE_KINDS = ('pixel', 'mulaw')
+# What one token is, where it is a unit that losses are quoted in (bits per character, bits
+# per image dimension); every kind's loss is also quoted per UTF-8 byte (token_bytes).
+UNITS = {'char': 'char', 'pixel': 'dim'}
+
+
+def unit(tok: 'AnyTokenizer') -> str | None:
+  """'char', 'dim' (a sub-pixel), or None where a token is no such unit (bytes, subwords)."""
+  return UNITS.get(tok.kind)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ar_jax.models import contract, families
 from ar_jax.parallel import sharding
 
 DATA_DECIDED = frozenset({'vocab_size', 'eos_id'})  # set from the tokenizer, not the config
+RUN_DECIDED = frozenset({'pipeline'})  # set from the run's mesh (ar_jax/models/stack.py)
 
 
 def available() -> list[str]:
@@ -33,9 +34,16 @@ def default_config(name: str) -> ml_collections.ConfigDict:
   """config.model for model `name`: its Config's fields and defaults (documented there)."""
   module = _module(name)
   fields = {
-    f.name: f.default for f in dataclasses.fields(module.Config) if f.name not in DATA_DECIDED
+    f.name: f.default
+    for f in dataclasses.fields(module.Config)
+    if f.name not in DATA_DECIDED | RUN_DECIDED
   }
   return ml_collections.ConfigDict({'name': name, **fields})
+
+
+def capabilities(name: str) -> contract.Capabilities:
+  """What family `name` declares of itself beside its Model (contract.Capabilities)."""
+  return _module(name).CAPABILITIES
 
 
 @functools.cache  # the directory listing and the contract check, once per family
@@ -68,12 +76,14 @@ def sharding_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], 
   return sharding.rules(config.sharding_rules, _module(config.model.name).RULES)
 
 
-def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None):
+def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None, pipeline=None):
   """The model module's own Config dataclass from the experiment's config.model, plus the
-  fields the data decides (vocab_size, and eos_id where the Config has that field)."""
+  fields the data decides (vocab_size, and eos_id where the Config has that field) and the
+  run's pipeline stages (ar_jax.parallel.pipeline.Pipeline, or None)."""
   name = model_config.name
   module = _module(name)
-  fields = {f.name for f in dataclasses.fields(module.Config)} - DATA_DECIDED
+  known = {f.name for f in dataclasses.fields(module.Config)}
+  fields = known - DATA_DECIDED - RUN_DECIDED
   given = {k: v for k, v in model_config.items() if k != 'name'}
   unknown = sorted(set(given) - fields)
   if unknown:
@@ -81,11 +91,8 @@ def build_config(model_config: Any, vocab_size: int, eos_id: int | None = None):
       f'model {name!r} has no field(s) {", ".join(unknown)}; '
       f'its fields: {", ".join(sorted(fields))}'
     )
-  decided = {'vocab_size': vocab_size, 'eos_id': eos_id}
-  decided = {
-    k: v for k, v in decided.items() if k in {f.name for f in dataclasses.fields(module.Config)}
-  }
-  return module, module.Config(**decided, **given)
+  decided = {'vocab_size': vocab_size, 'eos_id': eos_id, 'pipeline': pipeline}
+  return module, module.Config(**{k: v for k, v in decided.items() if k in known}, **given)
 
 
 def get_model(
@@ -97,21 +104,10 @@ def get_model(
   pipeline: Any = None,
 ):
   """The Flax module named by config.model.name, configured by the rest of config.model;
-  with a pipeline (ar_jax.pipeline.Pipeline), its layer stack split over the stages."""
-  module, cfg = build_config(model_config, vocab_size, eos_id)
-  if pipeline is None:
-    return module.Model(cfg, deterministic=deterministic)
-  if not pipelined(model_config.name):
-    raise ConfigError(
-      f'model.name={model_config.name!r} has no pipelined layer stack: mesh.stage must be 1 '
-      f'(pipelined: {", ".join(filter(pipelined, available()))})'
-    )
-  return module.Model(cfg, deterministic=deterministic, pipeline=pipeline)
-
-
-def pipelined(name: str) -> bool:
-  """Whether family `name` can split its layer stack over pipeline stages."""
-  return 'pipeline' in getattr(_module(name).Model, '__dataclass_fields__', {})
+  with a pipeline (ar_jax.parallel.pipeline.Pipeline), its layer stack split over the
+  stages."""
+  module, cfg = build_config(model_config, vocab_size, eos_id, pipeline)
+  return module.Model(cfg, deterministic=deterministic)
 
 
 def size(model_config: Any, vocab_size: int, seq_len: int) -> tuple[int, float]:

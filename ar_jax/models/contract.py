@@ -1,32 +1,55 @@
 """The model contract: every member of a model family that training, decoding, sizing and
 the studies read. Nothing outside a family's module knows which family it is.
 
-A family is one module of ar_jax/models (its file name is config.model.name) that defines:
+A family is one module (ar_jax/models/families/NAME.py, whose NAME is config.model.name, or
+a module of one's own named by its import path) that defines:
 
-  Config  a frozen dataclass: the family's fields, which config.model sets, and the fields
-          the data decides (`vocab_size`; `eos_id` where the family uses it). Its
-          `__post_init__` names every bad value.
-  Model   a Flax module, Model(config, deterministic=True), with the members of `Model` below.
-  RULES   its logical axis names -> mesh axes, read ahead of the shared rules
-          (sharding.SHARED_RULES); see sharding.rules for how the table is resolved.
-  TINY    named Config fields (without the data's) of models that build and run in seconds:
-          the variants the contract tests (tests/test_contract.py) run, the first one also
-          sharded. Each has several parameters of more than 1,024 elements, so that a
-          sharding test over them cannot pass vacuously.
+  Config        a frozen, keyword-only dataclass: the family's fields, which config.model
+                sets; the fields the data decides (`vocab_size`; `eos_id` where the family
+                uses it); and, inherited, the layer stack's (stack.StackConfig) and the
+                numerics' (numerics.NumericsConfig). Its `__post_init__` names every bad
+                value.
+  Model         a Flax module, Model(config, deterministic=True), with the members of `Model`
+                below. It builds its layers through the shared stack (ar_jax/models/stack.py),
+                which scans them, rematerialises them and splits them over pipeline stages.
+  RULES         its logical axis names -> mesh axes, read ahead of the shared rules
+                (sharding.SHARED_RULES); see sharding.rules for how the table is resolved.
+  TINY          named Config fields (without the data's) of models that build and run in
+                seconds: the variants the contract tests (tests/test_contract.py) run, the
+                first one also sharded. Each has several parameters of more than 1,024
+                elements, so that a sharding test over them cannot pass vacuously.
+  CAPABILITIES  a Capabilities: what the rest of the package would otherwise learn from the
+                family's name.
 
 Arrays are [B, T, ...] at the contract's boundary whatever a family uses inside; logits are
 float32 whatever the compute dtype.
-
-A family may also split its layers over pipeline stages (ar_jax/pipeline.py): its Model then
-has a `pipeline` field (None: one stage) that teacher forcing runs its stack through, its
-Config has `num_layers` and `scan_layers`, and its stacked parameters lead with the logical
-axis 'layers'. tests/test_pipeline.py checks every such family.
 """
 
+import dataclasses
 import types
 from typing import Any, Protocol
 
 import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What training, data and studies read of a family besides its Model."""
+
+  # The Config fields that set the family's size at a fixed depth, all to one value: what
+  # the studies solve for to match families on parameters or FLOPs (experiments/sizing.py).
+  # A field set to 0 stays 0 (off, or derived from the others).
+  width: tuple[str, ...] = ('d_model',)
+  # The Config field that sets how many blocks the layer stack holds.
+  depth: str = 'num_layers'
+  # Parameters that take no weight decay besides biases and norm scales, by name: those that
+  # set a recurrence's decay rates or skip its state (decaying them toward 0 changes how long
+  # the state remembers, not how large a weight is).
+  no_decay: tuple[str, ...] = ()
+  # Whether a row may pack several documents (segment ids keep them apart); False: every row
+  # is one whole example (an image), and packed data is refused. (What a token is, a
+  # character, a byte or a sub-pixel, is the data's to say: tokenizers declare their unit.)
+  packs_documents: bool = True
 
 
 class Model(Protocol):
@@ -88,7 +111,7 @@ MEMBERS = tuple(
     {n for n in vars(Model) if not n.startswith('_')} | set(Model.__annotations__) | {'__call__'}
   )
 )
-FAMILY_MEMBERS = ('Config', 'Model', 'RULES', 'TINY')
+FAMILY_MEMBERS = ('Config', 'Model', 'RULES', 'TINY', 'CAPABILITIES')
 
 
 def check_family(module: types.ModuleType) -> None:
@@ -100,6 +123,8 @@ def check_family(module: types.ModuleType) -> None:
     defined.update(*(vars(c) for c in module.Model.__mro__ if c is not object))
     missing = [f'Model.{n}' for n in MEMBERS if n not in defined]
     missing += [] if module.TINY else ['a TINY config']
+    if not isinstance(module.CAPABILITIES, Capabilities):
+      missing.append('CAPABILITIES as a contract.Capabilities')
   if missing:
     raise TypeError(
       f'model family {module.__name__} does not follow ar_jax.models.contract: '

@@ -1,4 +1,5 @@
-"""Pieces shared by the model families: partitioned initialisers, positions, attention.
+"""Pieces shared by the model families: partitioned initialisers, dense layers, norms,
+positions, attention.
 
 Dimension legend: B batch, T query time, S key time (cache length), D model width,
 H heads, K head dim, F MLP width, V vocab.
@@ -12,9 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ar_jax import platform
 from ar_jax.errors import check
-
-Dtype = jnp.dtype
+from ar_jax.models import numerics
+from ar_jax.models.numerics import Policy
 
 # model.remat: what a layer keeps for the backward pass; the rest it recomputes.
 REMAT_POLICIES = {
@@ -23,13 +25,6 @@ REMAT_POLICIES = {
   'dots_saveable': jax.checkpoint_policies.dots_saveable,
   'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
-
-
-def check_dtype(dtype: str) -> None:
-  check(dtype in COMPUTE_DTYPES, f'model.dtype={dtype!r}; allowed: {", ".join(COMPUTE_DTYPES)}')
 
 
 def check_remat(policy: str) -> None:
@@ -71,8 +66,9 @@ def token_embedding(vocab_size: int, width: int, stddev: float) -> nn.Embed:
   )
 
 
-def layer_norm(dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm over the embed axis; without a bias when the model has none (as nanoGPT)."""
+def layer_norm(dtype, use_bias: bool = True, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the embed axis, computed in `dtype` (the activations'); without a bias
+  when the model has none (as nanoGPT)."""
   return nn.LayerNorm(
     epsilon=1e-5,
     dtype=dtype,
@@ -95,16 +91,21 @@ class Dense(nn.Module):
   in_dims: int = 1
   use_bias: bool = True
   init_std: float = 0.02
-  dtype: Dtype | None = jnp.float32  # None: the wider of x's and the kernel's
+  # Operands, result and path (ar_jax/models/numerics.py); None: the wider of x's and the
+  # kernel's dtype for both (float32, or float64 under jax_enable_x64).
+  policy: Policy | None = numerics.FLOAT32
 
   @nn.compact
   def __call__(self, x):
     lead, inner = x.shape[: -self.in_dims], x.shape[-self.in_dims :]
     init = dense_init(self.names, self.init_std)
     kernel = self.param('kernel', init, (*inner, *self.features))
-    dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
+    p = self.policy
+    if p is None:
+      wide = jnp.promote_types(x.dtype, kernel.dtype)
+      p = Policy(wide, wide, False)
     n_in, n_out = math.prod(inner), math.prod(self.features)
-    y = matmul(x.reshape(-1, n_in), kernel.reshape(n_in, n_out), dtype)
+    y = numerics.matmul(x.reshape(-1, n_in), kernel.reshape(n_in, n_out), p)
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[self.in_dims :]), self.features)
@@ -127,99 +128,6 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
   # starts' indices (0 for the row's first segment, which need not start at a boundary).
   start_BT = jax.lax.cummax(jnp.where(segment_starts(segment_ids_BT), t_BT, 0), axis=1)
   return t_BT - start_BT
-
-
-def accumulation(dtype) -> jnp.dtype:
-  """Products of `dtype` operands are summed in float32 at least (float64 under x64)."""
-  return jnp.promote_types(jnp.float32, dtype)
-
-
-def activation_dtype(dtype) -> jnp.dtype:
-  """The dtype activations are kept in between matmuls, under compute dtype `dtype`.
-
-  On GPUs and TPUs, `dtype` itself: half-precision activations halve the memory traffic the
-  elementwise work is bound by, and keep the backward pass's matmuls in half precision (a
-  float32 cotangent made GPT-2's backward 1.5x slower on an H200).
-  On a CPU, float32 (at least): `dtype` is the matmul operands' alone, cast as they enter.
-  XLA:CPU runs bf16 x bf16 -> float32 matmuls on the AMX units, several times faster than
-  float32 ones, but a CPU's vector units run elementwise bf16 no faster than float32, and
-  each conversion is one more pass: the nanogpt_cpu GPT trained slower in bf16 than float32
-  with bf16 activations.
-  """
-  if jax.default_backend() == 'cpu':
-    return accumulation(dtype)
-  return jnp.dtype(dtype)
-
-
-def matmul(a, b, dtype, transpose_b: bool = False, out_dtype=None):
-  """a @ b, or a @ b^T with transpose_b (b's last two axes swapped), batched over any leading
-  axes both share: operands in the compute dtype, accumulated in float32 (or wider) on every
-  platform, returned in out_dtype (default activation_dtype(dtype))."""
-  dtype = jnp.dtype(dtype)
-  out_dtype = jnp.dtype(out_dtype or activation_dtype(dtype))
-  if out_dtype == dtype:  # a half-precision result keeps the gradient's products in it
-    return _dot(a.astype(dtype), b.astype(dtype), transpose_b, dtype)
-  check(out_dtype == accumulation(dtype), f'a matmul of {dtype} operands to {out_dtype}')
-  return _half_matmul(dtype, transpose_b, a, b)
-
-
-def _dot(a, b, transpose_b: bool, out_dtype=None):
-  """The product as one dot_general with its contracting axes named, accumulated in float32
-  (or wider) and returned in out_dtype (default that). Written as a transpose and a matmul,
-  XLA:CPU lays the transpose out as a column-major view, which its bf16 matmul kernels
-  (YNNPACK's) do not take."""
-  batch = tuple(range(a.ndim - 2))
-  contract = ((a.ndim - 1,), (b.ndim - (1 if transpose_b else 2),))
-  out_dtype = out_dtype or accumulation(a.dtype)
-  return jax.lax.dot_general(a, b, (contract, (batch, batch)), preferred_element_type=out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _half_matmul(dtype, transpose_b, a, b):
-  """matmul where the result is wider than the operands (half precision on a CPU). The
-  gradient's two products take the cotangent in `dtype` too: autodiff would pair the float32
-  cotangent with a widened operand, a float32 product off the CPU's bf16 units."""
-  return _half_matmul_fwd(dtype, transpose_b, a, b)[0]
-
-
-def _half_matmul_fwd(dtype, transpose_b, a, b):
-  a_half, b_half = a.astype(dtype), b.astype(dtype)
-  # Zero-size stand-ins carry the operands' own dtypes (float32 parameters get float32
-  # gradients) to the backward pass.
-  dtypes = (jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
-  return _dot(a_half, b_half, transpose_b), (a_half, b_half, *dtypes)
-
-
-def _half_matmul_bwd(dtype, transpose_b, residuals, g):
-  a, b, a_like, b_like = residuals
-  g = g.astype(dtype)
-  if transpose_b:  # out = a b^T: da = g b, db = g^T a
-    da, db = _dot(g, b, False), _dot(swapped(g, -1, -2), a, False)
-  else:  # out = a b: da = g b^T, db = a^T g
-    da, db = _dot(g, b, True), _dot(swapped(a, -1, -2, witness=g), g, False)
-  return da.astype(a_like.dtype), db.astype(b_like.dtype)
-
-
-_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
-
-
-def swapped(x, axis1: int, axis2: int, witness=None):
-  """jnp.swapaxes(x, axis1, axis2), materialised in row-major order on a CPU.
-
-  XLA:CPU's bf16 matmul kernels (YNNPACK's) take operands in row-major layout only, summed
-  over the left one's last axis; XLA lays a plain transpose out as a column-major view where
-  it can, and the product then runs upcast to float32, at a quarter of the speed (a weight's
-  gradient x^T g, attention's products over heads). Computed inside a conditional, the
-  transpose is materialised. The predicate has to be one XLA cannot decide while compiling:
-  the first element of `witness` (default x) is not NaN; when it is, the result is NaN in
-  every element rather than in some.
-  """
-  if jax.default_backend() != 'cpu':
-    return jnp.swapaxes(x, axis1, axis2)
-  first = (x if witness is None else witness).reshape(-1)[0]
-  nan = jnp.full(jnp.swapaxes(x, axis1, axis2).shape, jnp.nan, x.dtype)
-  swap = lambda x: jnp.swapaxes(x, axis1, axis2)
-  return jax.lax.cond(first == first, swap, lambda x: nan, x)
 
 
 def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
@@ -247,19 +155,13 @@ def rotary(x_BTHK: jax.Array, positions: jax.Array) -> jax.Array:
 ATTENTION = ('auto', 'einsum', 'xla', 'cudnn')
 
 
-def attention_implementation(kind: str, dtype) -> str:
+def attention_implementation(kind: str, p: Policy) -> str:
   """model.attention -> how attention is computed. 'xla' and 'cudnn' are
   jax.nn.dot_product_attention's implementations ('cudnn': the fused flash kernel of NVIDIA
-  GPUs, in half precision); 'einsum' is the attention written out (attend_written_out).
-  'auto' picks per platform: cudnn on a GPU in half precision, the written-out form on a CPU
-  (XLA:CPU trains the nanogpt_cpu GPT about 15% faster with it than with
-  dot_product_attention's XLA form), XLA's elsewhere."""
+  GPUs, in half precision); 'einsum' is the attention written out (attend_written_out);
+  'auto' is the platform's choice (ar_jax/platform.py)."""
   check(kind in ATTENTION, f'model.attention={kind!r}; allowed: {", ".join(ATTENTION)}')
-  if kind != 'auto':
-    return kind
-  backend = jax.default_backend()
-  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return 'cudnn' if half and backend == 'gpu' else 'einsum' if backend == 'cpu' else 'xla'
+  return platform.attention(kind, p.cpu, p.compute)
 
 
 def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation: str, is_causal: bool = False):
@@ -275,17 +177,19 @@ def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, implementation: str, is_causal: boo
   )
 
 
-def attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, dropout):
+def attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, dropout, p: Policy):
   """attend() written out, with `dropout` on the attention weights (which the fused kernels
   do not take): scores and softmax in float32 whatever the compute dtype."""
-  dtype, f32 = q_BTHK.dtype, accumulation(q_BTHK.dtype)
-  q_BHTK, k_BHSK, v_BHSK = (swapped(x.astype(dtype), 1, 2) for x in (q_BTHK, k_BSHK, v_BSHK))
-  scores_BHTS = matmul(q_BHTK, k_BHSK, dtype, transpose_b=True, out_dtype=f32)
+  dtype, f32 = p.compute, p.accumulation
+  q_BHTK, k_BHSK, v_BHSK = (
+    numerics.swapped(x.astype(dtype), 1, 2, p) for x in (q_BTHK, k_BSHK, v_BSHK)
+  )
+  scores_BHTS = numerics.matmul(q_BHTK, k_BHSK, p, transpose_b=True, out_dtype=f32)
   scores_BHTS = scores_BHTS / jnp.sqrt(jnp.asarray(q_BTHK.shape[-1], f32))
   scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, -jnp.inf)
   probs_BHTS = dropout(jax.nn.softmax(scores_BHTS, axis=-1))
-  out_BHTK = matmul(probs_BHTS, v_BHSK, dtype, out_dtype=f32)
-  return swapped(out_BHTK, 1, 2).astype(activation_dtype(dtype))
+  out_BHTK = numerics.matmul(probs_BHTS, v_BHSK, p, out_dtype=f32)
+  return numerics.swapped(out_BHTK, 1, 2, p).astype(p.activations)
 
 
 class CausalSelfAttention(nn.Module):
@@ -293,12 +197,12 @@ class CausalSelfAttention(nn.Module):
 
   Without a cache the T tokens attend to each other; given segment_ids_BT (packed
   documents), only to those of their own document. With a cache (k and v [B, S, H, K]),
-  the T new tokens, at consecutive positions [T], are written into it and attend to every
-  position written so far.
+  the T new tokens, at consecutive positions from positions_BT[0, 0], are written into it
+  and attend to every position written so far.
 
-  positions, [T] (every row alike) or [B, T], rotate queries and keys when `rotary`.
-  `implementation` is attention_implementation's; with dropout in training, the attention is
-  written out whatever it says (the fused kernels take no dropout).
+  positions_BT rotate queries and keys when `rotary`. `implementation` is
+  attention_implementation's; with dropout in training, the attention is written out whatever
+  it says (the fused kernels take no dropout).
   """
 
   num_heads: int
@@ -307,44 +211,41 @@ class CausalSelfAttention(nn.Module):
   deterministic: bool = True
   use_bias: bool = True
   out_init_std: float = 0.02
-  dtype: Dtype = jnp.float32
+  policy: Policy = numerics.FLOAT32
   implementation: str = 'xla'
 
   @nn.compact
-  def __call__(self, x_BTD, positions, cache=None, segment_ids_BT=None):
+  def __call__(self, x_BTD, positions_BT, cache=None, segment_ids_BT=None):
     T, D = x_BTD.shape[1:]
     H, K = self.num_heads, D // self.num_heads
+    p = self.policy
     # One fused projection: three small matmuls cost XLA:CPU more than one wide one.
     qkv_BTCHK = Dense(
-      (3, H, K),
-      ('embed', 'qkv', 'heads', 'kv'),
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      name='qkv',
+      (3, H, K), ('embed', 'qkv', 'heads', 'kv'), use_bias=self.use_bias, policy=p, name='qkv'
     )(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BTCHK[:, :, i] for i in range(3))
     if self.rotary:
-      q_BTHK, k_BTHK = rotary(q_BTHK, positions), rotary(k_BTHK, positions)
+      q_BTHK, k_BTHK = rotary(q_BTHK, positions_BT), rotary(k_BTHK, positions_BT)
 
     if cache is None:
       k_BSHK, v_BSHK, new_cache, mask_BTS = k_BTHK, v_BTHK, None, None
       if segment_ids_BT is not None:
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         mask_BTS = causal_TS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    else:  # decoding: one document, positions_T = index .. index + T - 1
-      start = (0, positions[0], 0, 0)
+    else:  # decoding: one document, positions index .. index + T - 1 in every row
+      start = (0, positions_BT[0, 0], 0, 0)
       k_BSHK = jax.lax.dynamic_update_slice(cache['k'], k_BTHK.astype(cache['k'].dtype), start)
       v_BSHK = jax.lax.dynamic_update_slice(cache['v'], v_BTHK.astype(cache['v'].dtype), start)
-      mask_BTS = (jnp.arange(k_BSHK.shape[1])[None, :] <= positions[:, None])[None]
+      mask_BTS = jnp.arange(k_BSHK.shape[1]) <= positions_BT[:, :, None]
       new_cache = {'k': k_BSHK, 'v': v_BSHK}
-    q_BTHK, k_BSHK, v_BSHK = (a.astype(self.dtype) for a in (q_BTHK, k_BSHK, v_BSHK))
+    q_BTHK, k_BSHK, v_BSHK = (a.astype(p.compute) for a in (q_BTHK, k_BSHK, v_BSHK))
 
     training_dropout = self.dropout and not self.deterministic
     if training_dropout or self.implementation == 'einsum':
       if mask_BTS is None:
         mask_BTS = jnp.tril(jnp.ones((1, T, T), bool))
       drop = functools.partial(nn.Dropout(self.dropout), deterministic=self.deterministic)
-      out_BTHK = attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, drop)
+      out_BTHK = attend_written_out(q_BTHK, k_BSHK, v_BSHK, mask_BTS, drop, p)
     else:
       causal = mask_BTS is None
       out_BTHK = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS, self.implementation, causal)
@@ -354,7 +255,7 @@ class CausalSelfAttention(nn.Module):
       in_dims=2,
       use_bias=self.use_bias,
       init_std=self.out_init_std,
-      dtype=self.dtype,
+      policy=p,
       name='out',
     )(out_BTHK)
     return out_BTD, new_cache

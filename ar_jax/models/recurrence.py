@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ar_jax.models import layers
+from ar_jax.models import layers, numerics, stack
 
 
 def _affine(first, second):
@@ -35,7 +35,7 @@ def affine_scan(a_BT_, b_BT_, h0_B_):
 
   Its gradient is the same recurrence backwards in time (affine_scan_grad), one more scan:
   autodiff through the scan's tree would keep every level's intermediates."""
-  dtype = layers.accumulation(jnp.result_type(a_BT_, b_BT_, h0_B_))
+  dtype = numerics.accumulation(jnp.result_type(a_BT_, b_BT_, h0_B_))
   return _affine_scan(a_BT_.astype(dtype), b_BT_.astype(dtype), h0_B_.astype(dtype))
 
 
@@ -119,9 +119,13 @@ class CausalConv(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTE, tail_BKE, keep_BT):
+    """(y_BTE, the new tail); a tail of None is zeros, and its new tail is None."""
     K, E = self.width, x_BTE.shape[-1]
     kernel_KE = self.param('kernel', layers.dense_init(self.names, K**-0.5), (K, E))
     bias_E = self.param('bias', layers.zeros_init(self.names[1:]), (E,))
+    given = tail_BKE is not None
+    if not given:
+      tail_BKE = jnp.zeros((x_BTE.shape[0], K - 1, E), jnp.float32)
     x_BSE = jnp.concatenate([tail_BKE.astype(x_BTE.dtype), x_BTE], axis=1)
     # The cached tail was cleared up to its last document start (below), so it starts none.
     keep_BS = jnp.pad(keep_BT, ((0, 0), (K - 1, 0)), constant_values=True)
@@ -132,19 +136,23 @@ class CausalConv(nn.Module):
       lo = K - 1 - k
       visible_BT1 = (document_BS[:, lo : lo + T] == own_BT)[..., None]
       y_BTE = y_BTE + jnp.where(visible_BT1, x_BSE[:, lo : lo + T], 0) * kernel_KE[K - 1 - k]
+    if not given:
+      return y_BTE, None
     visible_BK1 = (document_BS[:, T:] == document_BS[:, -1:])[..., None]
     new_tail_BKE = jnp.where(visible_BK1, x_BSE[:, T:], 0).astype(tail_BKE.dtype)
     return y_BTE, new_tail_BKE
 
 
 class ResidualStack(nn.Module):
-  """Embedding -> residual blocks, each carrying a recurrent state -> LayerNorm -> logits.
+  """Embedding -> residual blocks through the layer stack, each carrying a recurrent state ->
+  LayerNorm -> logits.
 
-  A family subclasses it with BLOCK, a module BLOCK(config, deterministic) called as
-  (x_BTD, layer_cache, keep_BT) -> (x_BTD, layer_cache), keep_BT False where a document
-  starts (the block forgets its state there); `layer_cache(batch_size)`, one layer's zero
-  cache; and `layer_flops()`, one layer's forward matmul FLOPs per token. Its config has
-  vocab_size, eos_id, num_layers, d_model, dropout, remat and dtype."""
+  A family subclasses it with BLOCK, its block class (ar_jax/models/stack.py: called as
+  (x_BTD, layer_cache, ctx) -> (x_BTD, layer_cache), ctx['keep'] False where a document
+  starts, where the block forgets its state; a layer_cache of None is the zero state, and
+  the block then returns None for it), and `layer_flops()`, one layer's forward matmul FLOPs
+  per token. Its config has vocab_size, eos_id, num_layers, d_model, dropout and the stack's
+  and numerics' fields."""
 
   config: Any
   deterministic: bool = True
@@ -154,11 +162,10 @@ class ResidualStack(nn.Module):
   def setup(self):
     cfg = self.config
     self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
-    block = layers.remat(type(self).BLOCK, cfg.remat)
-    self.blocks = [block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)]
-    self.ln_out = layers.layer_norm(layers.activation_dtype(cfg.dtype))
+    self.stack = stack.Stack(type(self).BLOCK, cfg, cfg.num_layers, self.deterministic)
+    self.ln_out = layers.layer_norm(cfg.policy.activations)
     self.head = layers.Dense(
-      (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False, dtype=jnp.dtype(cfg.dtype)
+      (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False, policy=cfg.policy
     )
     self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
@@ -166,17 +173,16 @@ class ResidualStack(nn.Module):
     del segment_ids_BT  # a token's embedding does not depend on its document
     return self.token_embed(tokens_BT)
 
-  def _run(self, tokens_BT, cache, embeddings_BTD, keep_BT):
+  def _run(self, tokens_BT, caches, embeddings_BTD, keep_BT):
     x_BTD = self.embed(tokens_BT) if embeddings_BTD is None else embeddings_BTD
-    x_BTD = self.drop(x_BTD).astype(layers.activation_dtype(self.config.dtype))
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x_BTD, new = block(x_BTD, layer_cache, keep_BT)
-      new_cache.append(jax.tree.map(lambda n, old: n.astype(old.dtype), new, layer_cache))
+    x_BTD = self.drop(x_BTD).astype(self.config.policy.activations)
+    x_BTD, new_caches = self.stack(x_BTD, caches, {'keep': keep_BT})
+    if caches is not None:  # a decoding loop carries the cache's dtypes unchanged
+      new_caches = jax.tree.map(lambda n, old: n.astype(old.dtype), new_caches, caches)
     logits_BTV = self.head(self.ln_out(x_BTD))
-    return logits_BTV.astype(jnp.float32), tuple(new_cache)
+    return logits_BTV.astype(jnp.float32), new_caches
 
-  def step(self, tokens_BT: jax.Array, cache: tuple, embeddings_BTD: jax.Array | None = None):
+  def step(self, tokens_BT: jax.Array, cache: Any, embeddings_BTD: jax.Array | None = None):
     """T new tokens from the cached states: (logits_BTV, the states after them). The state
     restarts at eos, which begins the next document."""
     eos_id = self.config.eos_id
@@ -190,20 +196,25 @@ class ResidualStack(nn.Module):
     segment_ids_BT: jax.Array | None = None,
   ) -> jax.Array:
     """Teacher forcing from a zero state; given segment_ids_BT, the state restarts where
-    each document starts."""
-    cache = self.init_cache(tokens_BT.shape[0], 0)
+    each document starts (else at eos)."""
     if segment_ids_BT is None:
-      return self.step(tokens_BT, cache, embeddings_BTD)[0]
-    keep_BT = ~layers.segment_starts(segment_ids_BT)
-    return self._run(tokens_BT, cache, embeddings_BTD, keep_BT)[0]
+      eos_id = self.config.eos_id
+      keep_BT = jnp.ones(tokens_BT.shape, bool) if eos_id is None else tokens_BT != eos_id
+    else:
+      keep_BT = ~layers.segment_starts(segment_ids_BT)
+    return self._run(tokens_BT, None, embeddings_BTD, keep_BT)[0]
 
-  def init_cache(self, batch_size: int, max_len: int = 0) -> tuple:
+  def init_cache(self, batch_size: int, max_len: int = 0) -> Any:
     """Zero states; the length does not matter to a recurrence."""
-    del max_len
-    return tuple(self.layer_cache(batch_size) for _ in range(self.config.num_layers))
+    cfg = self.config
+    return stack.init_cache(type(self).BLOCK, cfg, cfg.num_layers, batch_size, max_len)
 
   max_len = 0  # no positions: any length
-  cache_batch_axis = 0
+
+  @property
+  def cache_batch_axis(self) -> int:
+    return stack.cache_batch_axis(self.config)
+
   sequential = False  # teacher forcing is parallel over time: feeding samples back is not
 
   def flops_per_token(self, seq_len: int) -> float:

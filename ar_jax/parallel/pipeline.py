@@ -96,11 +96,11 @@ def apply(
 ) -> jax.Array:
   """The stack of layers applied to x [B, ...] through the pipeline's schedule.
 
-  layer_fn(layer_params, x_b, aux_b, key_b) applies one layer to one microbatch x_b
-  [B / M, ...]: layer_params are params' leaves [L, ...] at one layer, aux_b the microbatch's
-  rows of `aux` (a tree of [B, ...] arrays: positions, segment ids), key_b None without `key`,
-  else `key` folded with the microbatch and the layer (dropout). names: x's logical axis
-  names.
+  layer_fn(layer_params, x_b, aux_b, key_b, layer) applies layer `layer` (a traced index) to
+  one microbatch x_b [B / M, ...]: layer_params are params' leaves [L, ...] at that layer,
+  aux_b the microbatch's rows of `aux` (a tree of [B, ...] arrays: positions, segment ids),
+  key_b None without `key`, else `key` folded with the microbatch and the layer (dropout).
+  names: x's logical axis names.
   """
   S, M, R = pipeline.stages, pipeline.microbatches, pipeline.repeats
   L = jax.tree.leaves(params)[0].shape[0]
@@ -121,7 +121,7 @@ def apply(
     def layer(x_b, inputs):
       w_layer, i = inputs
       key_b = None if key is None else jax.random.fold_in(jax.random.fold_in(key, m), i)
-      return layer_fn(w_layer, x_b, aux_b, key_b), None
+      return layer_fn(w_layer, x_b, aux_b, key_b, i), None
 
     # Unrolled: a loop inside the vmapped stage made the whole step 1.4x slower on a CPU
     # (bench/pipeline.py, GPipe with 8 microbatches: 1,119 against 783 ms). A stage holds L / S

@@ -208,7 +208,9 @@ def load(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
   model = models.get_model(config.model, tokenizer.vocab_size, tokenizer.eos_id)
-  tx = optim.make_optimizer(config.optim, config.num_train_steps)
+  tx = optim.make_optimizer(
+    config.optim, config.num_train_steps, models.capabilities(config.model.name).no_decay
+  )
   mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
   abstract, _ = state.abstract_state(model, tx, mesh, config)
   step, params = read_params(workdir, abstract.params, config)

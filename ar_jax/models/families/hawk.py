@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers, recurrence
+from ar_jax.models import contract, layers, numerics, recurrence, stack
 
 C = 8.0  # the recurrence gate's exponent scale, c
 A_RANGE = (0.9, 0.999)  # a^c at initialisation, uniform in it
@@ -47,10 +47,12 @@ RULES = (
 # d_model 128: matmul-bound, as a real model is, since the contract tests check the FLOP
 # count (matmuls only) against XLA's, which counts the scan's elementwise work too.
 TINY = {'hawk': dict(num_layers=2, d_model=128, d_rnn=192, heads=4)}
+# The RG-LRU's L sets its decay rates: see contract.Capabilities.no_decay.
+CAPABILITIES = contract.Capabilities(width=('d_model',), no_decay=('a_param',))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):  # the scan runs in float32
   vocab_size: int  # decided by the tokenizer
   eos_id: int | None = None  # decided by the tokenizer: the state restarts at this token
   num_layers: int = 4
@@ -60,8 +62,6 @@ class Config:
   conv_width: int = 4  # the causal convolution before the recurrence
   d_ff: int = 0  # gated MLP width; 0: 3 * d_model (Hawk's expansion)
   dropout: float = 0.0  # on the residual branches
-  remat: str = 'none'  # see layers.REMAT_POLICIES
-  dtype: str = 'float32'  # compute dtype of the matmuls; the scan runs in float32
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_model', 'heads', 'conv_width'):
@@ -73,8 +73,8 @@ class Config:
       f'model.d_rnn={self.rnn_width} must be a multiple of model.heads={self.heads}',
     )
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    layers.check_remat(self.remat)
-    layers.check_dtype(self.dtype)
+    self.check_numerics()
+    self.check_stack(self.num_layers)
 
   @property
   def rnn_width(self) -> int:
@@ -145,50 +145,53 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, cache, keep_BT):
+  def __call__(self, x_BTD, cache, ctx):
     cfg = self.config
-    h0_BE, tail_BKE = cache
-    dtype = jnp.dtype(cfg.dtype)
-    act = layers.activation_dtype(dtype)
+    p = cfg.policy
+    keep_BT = ctx['keep']
+    h0_BE, tail_BKE = (None, None) if cache is None else cache
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     residual_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # as GPT-2's residual projections
-    y_BTD = layers.layer_norm(act, name='ln_rnn')(x_BTD)
-    in_BT2E = layers.Dense((2, cfg.rnn_width), ('embed', None, 'rnn'), dtype=dtype, name='rnn_in')(
+    y_BTD = layers.layer_norm(p.activations, name='ln_rnn')(x_BTD)
+    in_BT2E = layers.Dense((2, cfg.rnn_width), ('embed', None, 'rnn'), policy=p, name='rnn_in')(
       y_BTD
     )
     gate_BTE = nn.gelu(in_BT2E[:, :, 0], approximate=True)
     u_BTE, tail_BKE = recurrence.CausalConv(cfg.conv_width, (None, 'rnn'), name='conv')(
       in_BT2E[:, :, 1], tail_BKE, keep_BT
     )
+    if h0_BE is None:
+      h0_BE = jnp.zeros((x_BTD.shape[0], cfg.rnn_width), jnp.float32)
     h_BTE = RGLRU(cfg.heads, name='rg_lru')(u_BTE, h0_BE, keep_BT)
     h_BTE = nn.with_logical_constraint(h_BTE, ('batch', 'length', 'rnn'))
     out = layers.Dense(
-      (cfg.d_model,), ('rnn', 'embed'), init_std=residual_std, dtype=dtype, name='rnn_out'
+      (cfg.d_model,), ('rnn', 'embed'), init_std=residual_std, policy=p, name='rnn_out'
     )
-    x_BTD = x_BTD + drop(out((h_BTE * gate_BTE).astype(act)))
-    y_BTD = layers.layer_norm(act, name='ln_mlp')(x_BTD)
-    up_BT2F = layers.Dense((2, cfg.ff_width), ('embed', None, 'mlp'), dtype=dtype, name='mlp_in')(
+    x_BTD = x_BTD + drop(out((h_BTE * gate_BTE).astype(p.activations)))
+    y_BTD = layers.layer_norm(p.activations, name='ln_mlp')(x_BTD)
+    up_BT2F = layers.Dense((2, cfg.ff_width), ('embed', None, 'mlp'), policy=p, name='mlp_in')(
       y_BTD
     )
     mlp_out = layers.Dense(
-      (cfg.d_model,), ('mlp', 'embed'), init_std=residual_std, dtype=dtype, name='mlp_out'
+      (cfg.d_model,), ('mlp', 'embed'), init_std=residual_std, policy=p, name='mlp_out'
     )
     x_BTD = x_BTD + drop(mlp_out(nn.gelu(up_BT2F[:, :, 0], approximate=True) * up_BT2F[:, :, 1]))
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
-    return x_BTD, (h_BTE[:, -1], tail_BKE)
+    return x_BTD, None if cache is None else (h_BTE[:, -1], tail_BKE)
+
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> tuple:
+    del max_len, layer  # a recurrence's state does not grow; every layer's alike
+    return (
+      jnp.zeros((batch_size, cfg.rnn_width), jnp.float32),
+      jnp.zeros((batch_size, cfg.conv_width - 1, cfg.rnn_width), jnp.float32),
+    )
 
 
 class Model(recurrence.ResidualStack):
   """Embedding -> residual Hawk blocks -> LayerNorm -> logits."""
 
   BLOCK = Block
-
-  def layer_cache(self, batch_size: int) -> tuple:
-    cfg = self.config
-    return (
-      jnp.zeros((batch_size, cfg.rnn_width), jnp.float32),
-      jnp.zeros((batch_size, cfg.conv_width - 1, cfg.rnn_width), jnp.float32),
-    )
 
   def layer_flops(self) -> int:
     """W_u and W_g, the gates' blocks, W_o; the gated MLP's three matrices."""

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers, recurrence
+from ar_jax.models import contract, layers, numerics, recurrence, stack
 
 DT_RANGE = (1e-3, 1e-1)  # Delta at initialisation: log-uniform in it
 
@@ -46,10 +46,13 @@ RULES = (('ssm', 'tensor'), ('ssm', 'fsdp'))
 # count (matmuls only) against XLA's, which counts the scan's elementwise work too; a chunk
 # smaller than the tests' 12 positions, so that they run the chunked scan.
 TINY = {'mamba': dict(num_layers=2, d_model=128, d_state=4, chunk=5)}
+# A_log sets the decay rates and D skips the state (Gu and Dao's code exempts both): see
+# contract.Capabilities.no_decay.
+CAPABILITIES = contract.Capabilities(width=('d_model',), no_decay=('a_log', 'skip'))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):  # the scan runs in float32
   vocab_size: int  # decided by the tokenizer
   eos_id: int | None = None  # decided by the tokenizer: the state restarts at this token
   num_layers: int = 4
@@ -60,8 +63,6 @@ class Config:
   conv_width: int = 4  # the causal convolution before the scan
   chunk: int = 256  # positions whose states the scan holds at once (see the module's note)
   dropout: float = 0.0  # on the residual branches
-  remat: str = 'none'  # see layers.REMAT_POLICIES
-  dtype: str = 'float32'  # compute dtype of the matmuls; the scan runs in float32
 
   def __post_init__(self):
     positive = ('vocab_size', 'num_layers', 'd_model', 'expand', 'd_state', 'conv_width', 'chunk')
@@ -69,8 +70,8 @@ class Config:
       check(getattr(self, name) > 0, f'model.{name} must be positive, got {getattr(self, name)}')
     check(self.dt_rank >= 0, f'model.dt_rank must be >= 0, got {self.dt_rank}')
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    layers.check_remat(self.remat)
-    layers.check_dtype(self.dtype)
+    self.check_numerics()
+    self.check_stack(self.num_layers)
 
   @property
   def d_inner(self) -> int:
@@ -123,15 +124,15 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, cache, keep_BT):
+  def __call__(self, x_BTD, cache, ctx):
     cfg = self.config
-    h0_BEN, tail_BKE = cache
+    keep_BT = ctx['keep']
+    h0_BEN, tail_BKE = (None, None) if cache is None else cache
     E, N, R = cfg.d_inner, cfg.d_state, cfg.rank
-    dtype = jnp.dtype(cfg.dtype)
-    act = layers.activation_dtype(dtype)
+    p = cfg.policy
     residual_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # as GPT-2's residual projections
-    y_BTD = layers.layer_norm(act, name='ln')(x_BTD)
-    in_BT2E = layers.Dense((2, E), ('embed', None, 'ssm'), dtype=dtype, name='ssm_in')(y_BTD)
+    y_BTD = layers.layer_norm(p.activations, name='ln')(x_BTD)
+    in_BT2E = layers.Dense((2, E), ('embed', None, 'ssm'), policy=p, name='ssm_in')(y_BTD)
     u_BTE, tail_BKE = recurrence.CausalConv(cfg.conv_width, (None, 'ssm'), name='conv')(
       in_BT2E[:, :, 0], tail_BKE, keep_BT
     )
@@ -146,6 +147,8 @@ class Block(nn.Module):
     dt_bias = self.param('dt_bias', layers.partitioned(_dt_bias_init, ('ssm',)), (E,))
     a_log = self.param('a_log', layers.partitioned(_a_log_init, ('ssm', None)), (E, N))
     skip = self.param('skip', layers.ones_init(('ssm',)), (E,))
+    if h0_BEN is None:
+      h0_BEN = jnp.zeros((x_BTD.shape[0], E, N), jnp.float32)
     y_BTE, h_BEN = selective_scan(
       u_BTE,
       jax.nn.softplus(dt_BTE + dt_bias),
@@ -157,25 +160,27 @@ class Block(nn.Module):
       cfg.chunk,
     )
     y_BTE = nn.with_logical_constraint(y_BTE + skip * u_BTE, ('batch', 'length', 'ssm'))
-    y_BTE = y_BTE.astype(act) * nn.silu(in_BT2E[:, :, 1])
+    y_BTE = y_BTE.astype(p.activations) * nn.silu(in_BT2E[:, :, 1])
     out = layers.Dense(
-      (cfg.d_model,), ('ssm', 'embed'), init_std=residual_std, dtype=dtype, name='ssm_out'
+      (cfg.d_model,), ('ssm', 'embed'), init_std=residual_std, policy=p, name='ssm_out'
     )
     x_BTD = x_BTD + nn.Dropout(cfg.dropout, deterministic=self.deterministic)(out(y_BTE))
-    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), (h_BEN, tail_BKE)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    return x_BTD, None if cache is None else (h_BEN, tail_BKE)
+
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> tuple:
+    del max_len, layer  # a recurrence's state does not grow; every layer's alike
+    return (
+      jnp.zeros((batch_size, cfg.d_inner, cfg.d_state), jnp.float32),
+      jnp.zeros((batch_size, cfg.conv_width - 1, cfg.d_inner), jnp.float32),
+    )
 
 
 class Model(recurrence.ResidualStack):
   """Embedding -> residual Mamba blocks -> LayerNorm -> logits."""
 
   BLOCK = Block
-
-  def layer_cache(self, batch_size: int) -> tuple:
-    cfg = self.config
-    return (
-      jnp.zeros((batch_size, cfg.d_inner, cfg.d_state), jnp.float32),
-      jnp.zeros((batch_size, cfg.conv_width - 1, cfg.d_inner), jnp.float32),
-    )
 
   def layer_flops(self) -> int:
     """W_u and W_z, W_B/W_C/W_r, W_dt, W_o; and the selective scan, 9 E N, as Gu and Dao

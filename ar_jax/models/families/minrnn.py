@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers, recurrence
+from ar_jax.models import contract, layers, numerics, recurrence, stack
 
 CELLS = {'mingru': 2, 'minlstm': 3}  # cell -> gate vectors per step (G)
 
@@ -52,10 +52,11 @@ TINY = {
   'mingru': dict(cell='mingru', num_layers=2, d_model=128, expand=1),
   'minlstm': dict(cell='minlstm', num_layers=2, d_model=32),
 }
+CAPABILITIES = contract.Capabilities(width=('d_model',))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):  # the scan runs in float32
   vocab_size: int  # decided by the tokenizer
   eos_id: int | None = None  # decided by the tokenizer: the state restarts at this token
   cell: str = 'mingru'  # 'mingru' or 'minlstm'
@@ -64,8 +65,6 @@ class Config:
   expand: int = 2  # state width E = expand * d_model
   d_ff: int = 0  # MLP width; 0 = 4 * d_model
   dropout: float = 0.0  # on the residual branches
-  remat: str = 'none'  # see layers.REMAT_POLICIES
-  dtype: str = 'float32'  # compute dtype of the matmuls; the scan runs in float32
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_model', 'expand'):
@@ -73,8 +72,8 @@ class Config:
     check(self.cell in CELLS, f'model.cell={self.cell!r}; allowed: {", ".join(CELLS)}')
     check(self.d_ff >= 0, f'model.d_ff must be >= 0, got {self.d_ff}')
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    layers.check_remat(self.remat)
-    layers.check_dtype(self.dtype)
+    self.check_numerics()
+    self.check_stack(self.num_layers)
 
   @property
   def d_state(self) -> int:
@@ -117,7 +116,7 @@ def linear_scan(log_a_BTE, log_b_BTE, h0_BE):
   linear space, as g has either sign and with a <= 1 cannot overflow), times a and b for
   their logarithms. Autodiff through the scan's tree of log-sum-exps gives the same values
   (tested), but XLA took half as long again to compile that under a sharded mesh."""
-  dtype = layers.accumulation(jnp.result_type(log_a_BTE, log_b_BTE, h0_BE))
+  dtype = numerics.accumulation(jnp.result_type(log_a_BTE, log_b_BTE, h0_BE))
   return _linear_scan(log_a_BTE.astype(dtype), log_b_BTE.astype(dtype), h0_BE.astype(dtype))
 
 
@@ -143,37 +142,44 @@ _linear_scan.defvjp(_scan_forward, _scan_backward)
 
 
 class Block(nn.Module):
-  """x + W_o minRNN(LN(x)), then x + MLP(LN(x)). Returns (x, the state after the last t)."""
+  """x + W_o minRNN(LN(x)), then x + MLP(LN(x)). The cache is the state h [B, E] after the
+  last t."""
 
   config: Config
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, h0_BE, keep_BT):
+  def __call__(self, x_BTD, h0_BE, ctx):
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    act = layers.activation_dtype(dtype)
+    p = cfg.policy
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     residual_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # as GPT-2's residual projections
     gates_BTGE = layers.Dense(
-      (CELLS[cfg.cell], cfg.d_state), ('embed', None, 'minrnn_state'), dtype=dtype, name='gates'
-    )(layers.layer_norm(act, name='ln_rnn')(x_BTD))
+      (CELLS[cfg.cell], cfg.d_state), ('embed', None, 'minrnn_state'), policy=p, name='gates'
+    )(layers.layer_norm(p.activations, name='ln_rnn')(x_BTD))
     log_a_BTE, log_b_BTE = log_coefficients(cfg.cell, gates_BTGE)
     # A document starts at t: nothing of h_{t-1} is kept (a_t = 0).
-    log_a_BTE = jnp.where(keep_BT[..., None], log_a_BTE, -jnp.inf)
-    h_BTE = linear_scan(log_a_BTE, log_b_BTE, h0_BE)
+    log_a_BTE = jnp.where(ctx['keep'][..., None], log_a_BTE, -jnp.inf)
+    start_BE = Block.layer_cache(cfg, x_BTD.shape[0], 0, None) if h0_BE is None else h0_BE
+    h_BTE = linear_scan(log_a_BTE, log_b_BTE, start_BE)
     h_BTE = nn.with_logical_constraint(h_BTE, ('batch', 'length', 'minrnn_state'))
     out = layers.Dense(
-      (cfg.d_model,), ('minrnn_state', 'embed'), init_std=residual_std, dtype=dtype, name='out'
+      (cfg.d_model,), ('minrnn_state', 'embed'), init_std=residual_std, policy=p, name='out'
     )
     x_BTD = x_BTD + drop(out(h_BTE))
-    mlp_in = layers.Dense((cfg.ff_width,), ('embed', 'mlp'), dtype=dtype, name='mlp_in')
+    mlp_in = layers.Dense((cfg.ff_width,), ('embed', 'mlp'), policy=p, name='mlp_in')
     mlp_out = layers.Dense(
-      (cfg.d_model,), ('mlp', 'embed'), init_std=residual_std, dtype=dtype, name='mlp_out'
+      (cfg.d_model,), ('mlp', 'embed'), init_std=residual_std, policy=p, name='mlp_out'
     )
-    ln_mlp = layers.layer_norm(act, name='ln_mlp')
+    ln_mlp = layers.layer_norm(p.activations, name='ln_mlp')
     x_BTD = x_BTD + drop(mlp_out(nn.gelu(mlp_in(ln_mlp(x_BTD)), approximate=True)))
-    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), h_BTE[:, -1]
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    return x_BTD, None if h0_BE is None else h_BTE[:, -1]
+
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> jax.Array:
+    del max_len, layer  # a recurrence's state does not grow; every layer's alike
+    return jnp.zeros((batch_size, cfg.d_state), jnp.float32)
 
 
 class Model(recurrence.ResidualStack):
@@ -181,9 +187,6 @@ class Model(recurrence.ResidualStack):
   layer's state h, [B, E]."""
 
   BLOCK = Block
-
-  def layer_cache(self, batch_size: int) -> jax.Array:
-    return jnp.zeros((batch_size, self.config.d_state), jnp.float32)
 
   def layer_flops(self) -> int:
     cfg = self.config

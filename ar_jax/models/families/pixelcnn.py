@@ -17,6 +17,10 @@ above and to the right. The gated PixelCNN (van den Oord et al. 2016, "Condition
 Generation with PixelCNN Decoders") has none: a vertical stack sees every row above, a
 horizontal stack the current row to the left, and the vertical feeds the horizontal.
 
+The first layer (mask A, the image's C channels in) stands alone; the num_layers after it
+(mask B) are the shared stack's blocks, the gated ones carrying both stacks side by side
+([B, H, W, 2F]: vertical, then horizontal).
+
 Dimension legend: B batch, T time, N sub-pixels, H height, W width, C image channels,
 F features, L levels, V vocab (L + BOS), I/O conv input/output features.
 """
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ar_jax.errors import check
-from ar_jax.models import layers
+from ar_jax.models import contract, layers, numerics, stack
 
 # FSDP splits each convolution's input features, or its output features where the input
 # does not divide (the first layer reads C = 1 or 3 image channels). No tensor rule: a
@@ -46,10 +50,12 @@ TINY = {
   'plain': dict(_TINY, gated=False, first_kernel_size=3),
   'rgb': dict(_TINY, image_height=3, image_width=3, image_channels=3, features=24),
 }
+# Rows are whole images (BOS and their sub-pixels): no packed documents.
+CAPABILITIES = contract.Capabilities(width=('features',), packs_documents=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):  # dtype: the convolutions'
   vocab_size: int  # decided by the tokenizer: the levels of a sub-pixel, and BOS
   image_height: int = 8
   image_width: int = 8
@@ -60,8 +66,6 @@ class Config:
   kernel_size: int = 3  # k x k of the later layers (odd)
   first_kernel_size: int = 7  # k x k of the first layer (odd)
   head_features: int = 128  # the hidden 1x1 layer of the output head
-  remat: str = 'none'  # recompute each layer in the backward pass: see layers.REMAT_POLICIES
-  dtype: str = 'float32'  # compute dtype of the convolutions; logits stay float32
 
   def __post_init__(self):
     for name in ('image_height', 'image_width', 'image_channels', 'num_layers', 'head_features'):
@@ -78,8 +82,8 @@ class Config:
     for name in ('kernel_size', 'first_kernel_size'):
       size = getattr(self, name)
       check(size > 0 and size % 2 == 1, f'model.{name} must be odd and positive, got {size}')
-    layers.check_dtype(self.dtype)
-    layers.check_remat(self.remat)
+    self.check_numerics()
+    self.check_stack(self.num_layers)
 
   @property
   def levels(self) -> int:
@@ -153,9 +157,9 @@ class Conv2D(nn.Module):
     return y_BHWO + bias.astype(self.dtype)
 
 
-def _masked(features, k, in_groups, out_groups, mask_type, dtype, name, cls=Conv2D):
+def _masked(features, k, in_groups, out_groups, mask_type, dtype, name):
   """A k x k masked convolution ('same' size output)."""
-  return cls(
+  return Conv2D(
     features,
     (k, k),
     ((k // 2, k // 2), (k // 2, k // 2)),
@@ -211,6 +215,33 @@ class GatedLayer(nn.Module):
     return _gate(v_BHW2F), h_out if self.first else h_BHWI + h_out
 
 
+class Block(nn.Module):
+  """A layer after the first: gated (both stacks, [B, H, W, 2F] in and out) or plain (h +
+  conv(ReLU(h))). No cache: decoding recomputes the image (see Model.step)."""
+
+  config: Config
+  deterministic: bool = True  # no dropout here; kept for the stack
+
+  @nn.compact
+  def __call__(self, x_BHWX, cache, ctx):
+    del ctx
+    cfg = self.config
+    F, C, k = cfg.features, cfg.image_channels, cfg.kernel_size
+    dtype = cfg.policy.compute
+    if cfg.gated:
+      v_BHWF, h_BHWF = jnp.split(x_BHWX, 2, axis=-1)
+      v_BHWF, h_BHWF = GatedLayer(F, k, C, False, dtype, name='gated')(v_BHWF, h_BHWF)
+      x_BHWX = jnp.concatenate([v_BHWF, h_BHWF], axis=-1)
+    else:
+      conv = _masked(F, k, groups(F, C), groups(F, C), 'B', dtype, 'conv')
+      x_BHWX = x_BHWX + conv(jax.nn.relu(x_BHWX))
+    return nn.with_logical_constraint(x_BHWX, ('batch', None, None, 'conv_channels')), cache
+
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> None:
+    del cfg, batch_size, max_len, layer
+
+
 def _check_whole_images(segment_ids_BT) -> None:
   check(
     segment_ids_BT is None,
@@ -227,25 +258,16 @@ class Model(nn.Module):
 
   def setup(self):
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = cfg.policy.compute
     F, C, L = cfg.features, cfg.image_channels, cfg.levels
     if cfg.gated:
-      gated_layer = layers.remat(GatedLayer, cfg.remat)
-      self.layers = [
-        gated_layer(F, cfg.first_kernel_size if i == 0 else cfg.kernel_size, C, i == 0, dtype)
-        for i in range(cfg.num_layers + 1)
-      ]
+      self.first = GatedLayer(F, cfg.first_kernel_size, C, True, dtype, name='first')
     else:
-      conv_layer = layers.remat(Conv2D, cfg.remat)
       self.first = _masked(
         F, cfg.first_kernel_size, groups(C, C), groups(F, C), 'A', dtype, 'first'
       )
-      self.layers = [
-        _masked(
-          F, cfg.kernel_size, groups(F, C), groups(F, C), 'B', dtype, f'layer_{i}', conv_layer
-        )
-        for i in range(cfg.num_layers)
-      ]
+    names = ('batch', None, None, 'conv_channels')
+    self.stack = stack.Stack(Block, cfg, cfg.num_layers, self.deterministic, names)
     head_groups = groups(cfg.head_features, C)
     self.head_hidden = Conv2D(
       cfg.head_features,
@@ -288,15 +310,10 @@ class Model(nn.Module):
     x_BN = jnp.pad(x_BT1[:, 1:, 0], ((0, 0), (0, N + 1 - T)))
     x_BHWC = x_BN.reshape(B, *cfg.image_shape)
     if cfg.gated:
-      v_BHWF, h_BHWF = x_BHWC, x_BHWC
-      for layer in self.layers:
-        v_BHWF, h_BHWF = layer(v_BHWF, h_BHWF)
-        h_BHWF = nn.with_logical_constraint(h_BHWF, ('batch', None, None, 'conv_channels'))
+      x_BHWX = jnp.concatenate(self.first(x_BHWC, x_BHWC), axis=-1)
+      h_BHWF = jnp.split(self.stack(x_BHWX)[0], 2, axis=-1)[1]
     else:
-      h_BHWF = self.first(x_BHWC)
-      for layer in self.layers:
-        h_BHWF = h_BHWF + layer(jax.nn.relu(h_BHWF))
-        h_BHWF = nn.with_logical_constraint(h_BHWF, ('batch', None, None, 'conv_channels'))
+      h_BHWF = self.stack(self.first(x_BHWC))[0]
     out_BHWX = self.head(jax.nn.relu(self.head_hidden(jax.nn.relu(h_BHWF))))
     logits_BNL = out_BHWX.astype(jnp.float32).reshape(B, N, L)
     # BOS is never a sub-pixel: -inf keeps the softmax over the L levels alone.
@@ -325,7 +342,7 @@ class Model(nn.Module):
     """BOS and the N sub-pixels: decoding holds a whole image, though it reads only N."""
     return self.config.num_subpixels + 1
 
-  cache_batch_axis = 0
+  cache_batch_axis = 0  # the cache is the image so far, [B, N + 1]
   sequential = False
 
   def flops_per_token(self, seq_len: int) -> float:

@@ -6,7 +6,9 @@ the cells' gates in cells.py.
 
 The recurrent stack runs time-major ([T, B, ...]): the scans index time on the leading axis,
 so their inputs and stacked outputs need no transposes; only the embeddings going in and
-the logits coming out are swapped.
+the logits coming out are swapped. The layers are the shared stack's blocks: the first reads
+d_embed wide inputs and the others d_hidden, so a scanned (or pipelined) stack needs the two
+equal.
 
 Dimension legend: B batch, T time, E embedding width, D a layer's input width, S state
 width, G gates * S, V vocab.
@@ -19,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import bptt, cells, layers
-from ar_jax.parallel import pipeline as pipeline_lib
+from ar_jax.models import bptt, cells, contract, layers, numerics, stack
 
 CELLS = ('elman', 'lstm', 'gru')
 
@@ -43,10 +44,11 @@ TINY = {
   'elman': dict(_TINY, cell='elman', activation='relu'),
   'lstm_scanned': dict(_TINY, cell='lstm', scan_layers=True, layer_norm=True),
 }
+CAPABILITIES = contract.Capabilities(width=('d_hidden',))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):
   vocab_size: int  # decided by the tokenizer
   eos_id: int | None = None  # decided by the tokenizer: the state restarts at this token
   cell: str = 'lstm'  # 'elman', 'lstm' or 'gru'
@@ -59,13 +61,8 @@ class Config:
   layer_norm: bool = False  # LayerNorm on each layer's input and before the output
   dropout: float = 0.0  # between layers and before the output, never on the recurrence
   unroll: int = 1  # time steps per loop iteration of the scans (a speed knob only)
-  remat: str = 'none'  # recompute each layer's loop in the backward pass: see layers.REMAT_POLICIES
-  # One scanned layer (a 'layers' parameter axis), which pipeline stages split: every layer
-  # is then d_hidden wide, so d_embed must equal d_hidden.
-  scan_layers: bool = False
-  # Compute dtype of the matmuls (bfloat16, float16: reduced precision); the state and gates
-  # stay in float32, or in the parameters' float64 under jax_enable_x64.
-  dtype: str = 'float32'
+  # (model.dtype: the matmuls' operands; the state and gates stay in float32, or in the
+  # parameters' float64 under jax_enable_x64. A scanned stack needs d_embed == d_hidden.)
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_embed', 'd_hidden', 'unroll'):
@@ -76,13 +73,13 @@ class Config:
       f'model.activation={self.activation!r}; allowed: tanh, relu',
     )
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    layers.check_remat(self.remat)
-    layers.check_dtype(self.dtype)
+    self.check_numerics()
     check(
       not self.scan_layers or self.d_embed == self.d_hidden,
       f'model.scan_layers stacks layers of one width: model.d_embed={self.d_embed} must equal '
       f'model.d_hidden={self.d_hidden}',
     )
+    self.check_stack(self.num_layers)
 
 
 class RecurrentLayer(nn.Module):
@@ -90,7 +87,6 @@ class RecurrentLayer(nn.Module):
   and a carry."""
 
   config: Config
-  d_in: int
 
   @nn.compact
   def __call__(self, x_TBD, carry, keep_TB):
@@ -100,7 +96,7 @@ class RecurrentLayer(nn.Module):
     w_x = self.param(
       'input_kernel',
       layers.partitioned(nn.initializers.lecun_normal(), ('rnn_in', 'rnn_gates')),
-      (self.d_in, G),
+      (x_TBD.shape[-1], G),
     )
     b_x = self.param('bias', layers.partitioned(self._bias_init(cell), ('rnn_gates',)), (G,))
     w_h = self.param(
@@ -156,74 +152,61 @@ def _layer_norm(name=None) -> nn.LayerNorm:
   return nn.LayerNorm(scale_init=init[0], bias_init=init[1], name=name)
 
 
-def _stack_layer(cfg: Config, norm, layer, drop, x_TBD, carry, keep_TB):
-  """One layer of the stack: [LayerNorm ->] recurrence -> dropout [-> + x], and its carry
-  (in the dtype the cache had: a decoding loop carries it unchanged)."""
-  h_TBS, new = layer(norm(x_TBD) if norm else x_TBD, carry, keep_TB)
-  new = tuple(c.astype(old.dtype) for c, old in zip(new, carry, strict=True))
-  h_TBS = drop(h_TBS)
-  x_TBD = x_TBD + h_TBS if cfg.residual and x_TBD.shape == h_TBS.shape else h_TBS
-  return nn.with_logical_constraint(x_TBD, ('length', 'batch', 'rnn_hidden')), new
-
-
-class StackedLayer(nn.Module):
-  """A layer of the scanned stack (model.scan_layers): (x_TBS, carry, keep_TB) -> (x, carry)."""
+class Block(nn.Module):
+  """A layer of the stack: [LayerNorm ->] recurrence -> dropout [-> + x], time-major: (x_TBD,
+  carry, ctx) -> (x_TBS, carry), the carry zero where ctx['keep'] is False (a document
+  starts) and, given as None, from zero (and None again)."""
 
   config: Config
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_TBS, carry, keep_TB):
+  def __call__(self, x_TBD, carry, ctx):
     cfg = self.config
-    norm = _layer_norm('norm') if cfg.layer_norm else None
-    layer = layers.remat(RecurrentLayer, cfg.remat)(cfg, cfg.d_hidden, name='layer')
-    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    return _stack_layer(cfg, norm, layer, drop, x_TBS, carry, keep_TB)
+    zero = carry is None
+    if zero:
+      carry = Block.layer_cache(cfg, x_TBD.shape[1], 0, None)
+    if cfg.layer_norm:
+      x_in = _layer_norm('norm')(x_TBD)
+    else:
+      x_in = x_TBD
+    layer = layers.remat(RecurrentLayer, cfg.remat)(cfg, name='layer')
+    h_TBS, new = layer(x_in, carry, ctx['keep'].T.astype(jnp.float32))
+    # In the dtype the cache had: a decoding loop carries it unchanged.
+    new = tuple(c.astype(old.dtype) for c, old in zip(new, carry, strict=True))
+    h_TBS = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(h_TBS)
+    x_TBD = x_TBD + h_TBS if cfg.residual and x_TBD.shape == h_TBS.shape else h_TBS
+    x_TBD = nn.with_logical_constraint(x_TBD, ('length', 'batch', 'rnn_hidden'))
+    return x_TBD, None if zero else new
+
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> tuple:
+    """Zero carries; the length does not matter to a recurrence."""
+    del max_len, layer
+    cell = cells.make_cell(cfg.cell, cfg.activation)
+    return tuple(jnp.zeros((batch_size, cfg.d_hidden), jnp.float32) for _ in cell.state_names)
 
 
 class Model(nn.Module):
-  """Embedding -> stacked recurrent layers -> softmax(W_y h + b_y). The cache is the carry.
-
-  With a pipeline of several stages (which needs scan_layers), teacher forcing runs the
-  layers through its schedule (ar_jax/pipeline.py), each stage over the whole sequence of
-  each microbatch; stateful training and decoding run them in order.
-  """
+  """Embedding -> stacked recurrent layers -> softmax(W_y h + b_y). The cache is the carry."""
 
   config: Config
   deterministic: bool = True
-  pipeline: pipeline_lib.Pipeline | None = None
 
   def setup(self):
     cfg = self.config
     self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_embed, stddev=1.0)
-    if self.pipeline is not None:
-      check(cfg.scan_layers, 'pipeline stages split a scanned stack: set model.scan_layers=True')
-      self.pipeline.check_layers(cfg.num_layers)
-    if cfg.scan_layers:
-      self.stack = nn.scan(
-        StackedLayer,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=(0, nn.broadcast),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(cfg, self.deterministic, name='layers')
-    else:
-      layer = layers.remat(RecurrentLayer, cfg.remat)
-      self.layers = [
-        layer(cfg, cfg.d_embed if i == 0 else cfg.d_hidden, name=f'layer_{i}')
-        for i in range(cfg.num_layers)
-      ]
-    if cfg.layer_norm:  # each layer's input norm (in the stack's layers when scanned), the output's
-      self.norms = [_layer_norm() for _ in range(1 if cfg.scan_layers else cfg.num_layers + 1)]
+    names = ('length', 'batch', 'rnn_hidden')
+    self.stack = stack.Stack(Block, cfg, cfg.num_layers, self.deterministic, names, batch_axis=1)
+    if cfg.layer_norm:
+      self.norm_out = _layer_norm()
     self.head = layers.Dense(
       (cfg.vocab_size,),
       ('rnn_hidden', 'vocab'),
       init_std=cfg.d_hidden**-0.5,
-      dtype=None,  # the state's: float32, or float64 under jax_enable_x64
+      policy=None,  # the state's: float32, or float64 under jax_enable_x64
       name='head',
     )
-    self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
   def embed(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     del segment_ids_BT  # a token's embedding does not depend on its document
@@ -242,44 +225,13 @@ class Model(nn.Module):
     return jnp.ones(tokens_BT.shape, bool) if eos_id is None else tokens_BT != eos_id
 
   def _run(self, tokens_BT, cache, embeddings_BTE, keep_BT):
-    """step, the carries zeroed before every t where keep_BT is False (a document starts)."""
-    cfg = self.config
+    """The stack from the carries in `cache` (None: zero), each zeroed before every t where
+    keep_BT is False (a document starts)."""
     x_BTD = self.embed(tokens_BT) if embeddings_BTE is None else embeddings_BTE
     # Time-major inside (see the module docstring); the contract's arrays are [B, T, ...].
-    x_TBD = jnp.swapaxes(x_BTD, 0, 1)
-    keep_TB = keep_BT.T.astype(jnp.float32)
-    if cfg.scan_layers:
-      x_TBD, new_cache = self.stack(x_TBD, cache, keep_TB)
-    else:
-      new_cache = []
-      for i, layer in enumerate(self.layers):
-        norm = self.norms[i] if cfg.layer_norm else None
-        x_TBD, carry = _stack_layer(cfg, norm, layer, self.drop, x_TBD, cache[i], keep_TB)
-        new_cache.append(carry)
-    return jnp.swapaxes(self._output(x_TBD), 0, 1), tuple(new_cache)
-
-  def _output(self, x):
-    return self.readout(self.norms[-1](x) if self.config.layer_norm else x)
-
-  def _pipelined(self, x_BTD, keep_BT):
-    """Teacher forcing from a zero state through the pipeline's schedule: logits_BTV."""
-    cfg = self.config
-
-    def layer(params, x_bTD, keep_bT, key):
-      zeros = tuple(c[0] for c in self.init_cache(x_bTD.shape[0]))  # one layer's
-      rngs = {} if key is None else {'dropout': key}
-      x_TbD, keep_Tb = jnp.swapaxes(x_bTD, 0, 1), keep_bT.T
-      out = StackedLayer(cfg, self.deterministic, parent=None).apply(
-        {'params': params}, x_TbD, zeros, keep_Tb, rngs=rngs
-      )[0]
-      return jnp.swapaxes(out, 0, 1)
-
-    key = None if self.deterministic else self.make_rng('dropout')
-    keep_BT = keep_BT.astype(jnp.float32)
-    names = ('batch', 'length', 'rnn_hidden')
-    params = self.variables['params']['layers']
-    x_BTD = pipeline_lib.apply(layer, params, x_BTD, keep_BT, self.pipeline, names, key)
-    return self._output(x_BTD)
+    x_TBD, new_cache = self.stack(jnp.swapaxes(x_BTD, 0, 1), cache, {'keep': keep_BT})
+    x_TBS = self.norm_out(x_TBD) if self.config.layer_norm else x_TBD
+    return jnp.swapaxes(self.readout(x_TBS), 0, 1), new_cache
 
   def readout(self, h: jax.Array) -> jax.Array:
     """Output logits W_y h + b_y, in float32 (or the state's float64), for states h of any
@@ -299,28 +251,18 @@ class Model(nn.Module):
       keep_BT = self._keep(tokens_BT)
     else:
       keep_BT = ~layers.segment_starts(segment_ids_BT)
-    if self.pipeline is not None and not self.is_initializing():
-      x_BTD = self.embed(tokens_BT) if embeddings_BTE is None else embeddings_BTE
-      return self._pipelined(x_BTD, keep_BT)
-    cache = self.init_cache(tokens_BT.shape[0], 0)
-    return self._run(tokens_BT, cache, embeddings_BTE, keep_BT)[0]
+    return self._run(tokens_BT, None, embeddings_BTE, keep_BT)[0]
 
   def init_cache(self, batch_size: int, max_len: int = 0) -> tuple:
     """Zero carries for every layer; the length does not matter to a recurrence."""
-    del max_len
     cfg = self.config
-    cell = cells.make_cell(cfg.cell, cfg.activation)
-    if cfg.scan_layers:  # each state stacked over the layers
-      zeros = jnp.zeros((cfg.num_layers, batch_size, cfg.d_hidden), jnp.float32)
-      return tuple(zeros for _ in cell.state_names)
-    zeros = jnp.zeros((batch_size, cfg.d_hidden), jnp.float32)
-    return tuple(tuple(zeros for _ in cell.state_names) for _ in range(cfg.num_layers))
+    return stack.init_cache(Block, cfg, cfg.num_layers, batch_size, max_len)
 
   max_len = 0  # no positions: any length
 
   @property
   def cache_batch_axis(self) -> int:
-    return 1 if self.config.scan_layers else 0
+    return stack.cache_batch_axis(self.config)
 
   sequential = True  # feeding back its own samples costs no more than teacher forcing
 

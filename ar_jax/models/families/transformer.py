@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ar_jax.errors import check
-from ar_jax.models import layers
-from ar_jax.parallel import pipeline as pipeline_lib
+from ar_jax.models import contract, layers, numerics, stack
 
 POS_ENCODINGS = ('learned', 'sinusoidal', 'rotary')
 
@@ -32,10 +31,11 @@ TINY = {
     num_layers=2, num_heads=4, d_model=32, max_len=32, pos_encoding='sinusoidal', scan_layers=True
   ),
 }
+CAPABILITIES = contract.Capabilities(width=('d_model',))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(stack.StackConfig, numerics.NumericsConfig):
   vocab_size: int  # decided by the tokenizer
   num_layers: int = 4
   num_heads: int = 4
@@ -46,12 +46,8 @@ class Config:
   dropout: float = 0.0  # on embeddings, attention weights and residual branches
   tie_embeddings: bool = False  # output projection = input embedding, transposed
   use_bias: bool = True  # biases in dense layers and LayerNorms
-  scan_layers: bool = False  # one scanned block (a 'layers' param axis): fast compiles
-  remat: str = 'none'  # 'none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'
-  dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
   # 'xla' or 'cudnn' (jax.nn.dot_product_attention; cudnn: the fused flash kernel of NVIDIA
-  # GPUs, half precision), 'einsum' (written out), or 'auto': per platform, see
-  # layers.attention_implementation.
+  # GPUs, half precision), 'einsum' (written out), or 'auto': the platform's choice.
   attention: str = 'auto'
 
   def __post_init__(self):
@@ -69,10 +65,10 @@ class Config:
       self.pos_encoding != 'rotary' or (self.d_model // self.num_heads) % 2 == 0,
       f'rotary positions need an even head dim, got {self.d_model // self.num_heads}',
     )
-    layers.check_remat(self.remat)
     check(0.0 <= self.dropout < 1.0, f'model.dropout must be in [0, 1), got {self.dropout}')
-    layers.check_dtype(self.dtype)
-    layers.attention_implementation(self.attention, self.dtype)
+    self.check_numerics()
+    self.check_stack(self.num_layers)
+    layers.attention_implementation(self.attention, self.policy)
 
   @property
   def ff_width(self) -> int:
@@ -80,16 +76,15 @@ class Config:
 
 
 class Block(nn.Module):
-  """x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, new layer cache)."""
+  """x + attn(LN(x)), then x + mlp(LN(x)). The cache is the layer's keys and values."""
 
   config: Config
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, cache, positions, segment_ids_BT):
+  def __call__(self, x_BTD, cache, ctx):
     cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    act = layers.activation_dtype(dtype)
+    p = cfg.policy
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     # GPT-2: projections into the residual stream start smaller, so its variance does not
     # grow with depth.
@@ -101,53 +96,49 @@ class Block(nn.Module):
       deterministic=self.deterministic,
       use_bias=cfg.use_bias,
       out_init_std=residual_std,
-      dtype=dtype,
-      implementation=layers.attention_implementation(cfg.attention, dtype),
+      policy=p,
+      implementation=layers.attention_implementation(cfg.attention, p),
       name='attn',
-    )(layers.layer_norm(act, cfg.use_bias, 'ln_attn')(x_BTD), positions, cache, segment_ids_BT)
+    )(
+      layers.layer_norm(p.activations, cfg.use_bias, 'ln_attn')(x_BTD),
+      ctx['positions'],
+      cache,
+      ctx.get('segment_ids'),
+    )
     x_BTD = x_BTD + drop(h_BTD)
     mlp_in = layers.Dense(
-      (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, dtype=dtype, name='mlp_in'
+      (cfg.ff_width,), ('embed', 'mlp'), use_bias=cfg.use_bias, policy=p, name='mlp_in'
     )
     mlp_out = layers.Dense(
       (cfg.d_model,),
       ('mlp', 'embed'),
       use_bias=cfg.use_bias,
       init_std=residual_std,
-      dtype=dtype,
+      policy=p,
       name='mlp_out',
     )
-    ln_mlp = layers.layer_norm(act, cfg.use_bias, 'ln_mlp')
-    # GELU's tanh form: XLA:CPU runs the whole train step 13% slower with the erf form.
+    ln_mlp = layers.layer_norm(p.activations, cfg.use_bias, 'ln_mlp')
+    # GELU's tanh form: XLA:CPU runs the whole train step slower with the erf form.
     h_BTD = mlp_out(nn.gelu(mlp_in(ln_mlp(x_BTD)), approximate=True))
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     return x_BTD, cache
 
-
-def _positions(tokens_BT, segment_ids_BT):
-  """0 .. T-1 for every row ([T]), or each packed document's own from 0 ([B, T])."""
-  if segment_ids_BT is None:
-    return jnp.arange(tokens_BT.shape[1])
-  return layers.segment_positions(segment_ids_BT)
+  @staticmethod
+  def layer_cache(cfg: Config, batch_size: int, max_len: int, layer: int | None) -> dict:
+    del layer  # every layer's alike
+    H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
+    return layers.init_kv_cache(batch_size, max_len, H, K, cfg.policy.compute)
 
 
 class Model(nn.Module):
-  """The model contract: __call__ for teacher forcing, init_cache + step for decoding.
-
-  With a pipeline of several stages (which needs scan_layers), teacher forcing runs the
-  blocks through its schedule (ar_jax/pipeline.py); cached decoding runs them in order.
-  """
+  """The model contract: __call__ for teacher forcing, init_cache + step for decoding."""
 
   config: Config
   deterministic: bool = True
-  pipeline: pipeline_lib.Pipeline | None = None
 
   def setup(self):
     cfg = self.config
-    if self.pipeline is not None:
-      check(cfg.scan_layers, 'pipeline stages split a scanned stack: set model.scan_layers=True')
-      self.pipeline.check_layers(cfg.num_layers)
     self.token_embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, stddev=0.02)
     if cfg.pos_encoding == 'learned':
       self.pos_embed = self.param(
@@ -155,28 +146,11 @@ class Model(nn.Module):
         layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
         (cfg.max_len, cfg.d_model),
       )
-    block = self.block_class = layers.remat(Block, cfg.remat, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      self.blocks = nn.scan(
-        block,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=(0, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(cfg, self.deterministic, name='blocks')
-    else:
-      self.blocks = [
-        block(cfg, self.deterministic, name=f'block_{i}') for i in range(cfg.num_layers)
-      ]
-    self.ln_out = layers.layer_norm(layers.activation_dtype(cfg.dtype), cfg.use_bias)
+    self.stack = stack.Stack(Block, cfg, cfg.num_layers, self.deterministic)
+    self.ln_out = layers.layer_norm(cfg.policy.activations, cfg.use_bias)
     if not cfg.tie_embeddings:
       self.head = layers.Dense(
-        (cfg.vocab_size,),
-        ('embed', 'vocab'),
-        use_bias=False,
-        dtype=jnp.dtype(cfg.dtype),
-        name='head',
+        (cfg.vocab_size,), ('embed', 'vocab'), use_bias=False, policy=cfg.policy, name='head'
       )
     self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
 
@@ -194,44 +168,25 @@ class Model(nn.Module):
     each document's own from 0."""
     return self._embed(tokens_BT, _positions(tokens_BT, segment_ids_BT))
 
-  def _forward(self, tokens_BT, positions, layer_caches, x_BTD=None, segment_ids_BT=None):
+  def _forward(self, tokens_BT, positions, caches, x_BTD=None, segment_ids_BT=None):
+    """positions: [T] (every row alike) or [B, T]."""
     cfg = self.config
     x_BTD = self._embed(tokens_BT, positions) if x_BTD is None else x_BTD
-    x_BTD = self.dropout(x_BTD).astype(layers.activation_dtype(cfg.dtype))
+    x_BTD = self.dropout(x_BTD).astype(cfg.policy.activations)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
-    if self.pipeline is not None and layer_caches is None and not self.is_initializing():
-      x_BTD, new_caches = self._pipelined(x_BTD, positions, segment_ids_BT), None
-    elif cfg.scan_layers:
-      x_BTD, new_caches = self.blocks(x_BTD, layer_caches, positions, segment_ids_BT)
-    else:
-      new_caches = []
-      for i, block in enumerate(self.blocks):
-        cache = None if layer_caches is None else layer_caches[i]
-        x_BTD, cache = block(x_BTD, cache, positions, segment_ids_BT)
-        new_caches.append(cache)
+    ctx = {'positions': jnp.broadcast_to(positions, tokens_BT.shape)}
+    if segment_ids_BT is not None:
+      ctx['segment_ids'] = segment_ids_BT
+    x_BTD, caches = self.stack(x_BTD, caches, ctx)
     x_BTD = self.ln_out(x_BTD)
     if cfg.tie_embeddings:
       embedding_VD = self.token_embed.embedding
-      logits_BTV = layers.matmul(x_BTD.reshape(-1, cfg.d_model), embedding_VD, cfg.dtype, True)
+      logits_BTV = numerics.matmul(x_BTD.reshape(-1, cfg.d_model), embedding_VD, cfg.policy, True)
       logits_BTV = logits_BTV.reshape(*x_BTD.shape[:2], cfg.vocab_size)
     else:
       logits_BTV = self.head(x_BTD)
     # Softmax and loss always see float32 logits.
-    return logits_BTV.astype(jnp.float32), new_caches
-
-  def _pipelined(self, x_BTD, positions, segment_ids_BT):
-    """The scanned blocks' layers, [L, ...], run through the pipeline's schedule."""
-    B, T, _ = x_BTD.shape
-    aux = {'positions': jnp.broadcast_to(positions, (B, T)), 'segment_ids': segment_ids_BT}
-
-    def layer(params, x_bTD, aux_b, key):
-      block = self.block_class(self.config, self.deterministic, parent=None)
-      args = (x_bTD, None, aux_b['positions'], aux_b['segment_ids'])
-      return block.apply({'params': params}, *args, rngs={} if key is None else {'dropout': key})[0]
-
-    key = None if self.deterministic else self.make_rng('dropout')
-    params, names = self.variables['params']['blocks'], ('batch', 'length', 'embed')
-    return pipeline_lib.apply(layer, params, x_BTD, aux, self.pipeline, names, key)
+    return logits_BTV.astype(jnp.float32), caches
 
   def __call__(
     self,
@@ -259,13 +214,8 @@ class Model(nn.Module):
     """An empty cache for batch_size sequences of at most max_len positions."""
     cfg = self.config
     check(max_len <= cfg.max_len, f'{max_len} positions exceed model.max_len={cfg.max_len}')
-    H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
-    one = layers.init_kv_cache(batch_size, max_len, H, K, jnp.dtype(cfg.dtype))
-    if cfg.scan_layers:
-      stacked = jax.tree.map(lambda a: jnp.stack([a] * cfg.num_layers), one)
-    else:
-      stacked = [dict(one) for _ in range(cfg.num_layers)]
-    return {'index': jnp.array(0, jnp.int32), 'layers': stacked}
+    caches = stack.init_cache(Block, cfg, cfg.num_layers, batch_size, max_len)
+    return {'index': jnp.array(0, jnp.int32), 'layers': caches}
 
   @property
   def max_len(self) -> int:
@@ -273,9 +223,7 @@ class Model(nn.Module):
 
   @property
   def cache_batch_axis(self) -> int:
-    """The batch axis of every array in the cache but the scalar index (layers come first
-    when they are scanned)."""
-    return 1 if self.config.scan_layers else 0
+    return stack.cache_batch_axis(self.config)
 
   sequential = False
 
@@ -289,3 +237,10 @@ class Model(nn.Module):
     D, F, V, L = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.num_layers
     per_layer = 2 * (3 * D * D + D * D + 2 * D * F) + 4 * seq_len * D
     return float(L * per_layer + 2 * D * V)
+
+
+def _positions(tokens_BT, segment_ids_BT):
+  """0 .. T-1 for every row ([T]), or each packed document's own from 0 ([B, T])."""
+  if segment_ids_BT is None:
+    return jnp.arange(tokens_BT.shape[1])
+  return layers.segment_positions(segment_ids_BT)
