@@ -54,9 +54,9 @@ def _compilation_cache() -> None:
   """JAX's persistent compilation cache, in AR_JAX_CACHE_DIR/jax (~/.cache/ar_jax/jax) unless
   JAX_COMPILATION_CACHE_DIR names another: a program compiles once per machine, and every
   later process that runs it (a resumed run, the same experiment again, a sweep's points of
-  one shape, sampling a workdir) loads it instead. On any platform; the nanogpt_cpu recipe's
-  compiles take about 4 s of its wall on a 2-core CPU, an accelerator's often minutes.
-  Programs that compile in under 0.5 s are not kept."""
+  one shape, sampling a workdir) loads it instead, on any platform: compiles are seconds of a
+  short CPU run's wall, and often minutes on an accelerator. Programs that compile in under
+  0.5 s are not kept."""
   import jax
 
   from ar_jax.monitor import flops

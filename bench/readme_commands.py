@@ -1,10 +1,13 @@
-"""Runs the README's shell blocks as a newcomer would, at reduced step counts: the check
-behind "every command in the README works as written on a fresh clone".
+"""Runs the shell blocks of the README and of docs/ as a newcomer would, at reduced step
+counts: the check behind "every command in the README and the manual works as written on a
+fresh clone".
 
   python bench/readme_commands.py [--steps=8] [--keep]
 
-Each ```bash block runs in one `bash -euo pipefail` in a fresh copy of the repository's
-tracked files (git ls-files: what a clone has), with this Python environment first on PATH.
+Each ```bash block runs in one `bash -euo pipefail` in one fresh copy of the repository's
+tracked files (git ls-files: what a clone has), with this Python environment first on PATH:
+the README's blocks first, then each page of docs/ in PAGES' order (a page's commands may
+use what an earlier page made, the quickstart's workdir say).
 The commands are the README's, changed only to be short:
 - every `python -m ar_jax.main` (directly, or after `--` under launch.local) gets
   --config.num_train_steps=STEPS and its log, eval and checkpoint intervals appended;
@@ -28,6 +31,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / 'shared' / 'data'
 
 flags.DEFINE_integer('steps', 8, 'Training steps of every run the README starts.')
+
+PAGES = (
+  'README.md',
+  'docs/decoding.md',
+  'docs/data.md',
+  'docs/models.md',
+  'docs/training.md',
+  'docs/studies.md',
+  'docs/interop.md',
+  'docs/architecture.md',
+  'docs/benchmarks.md',
+)
 flags.DEFINE_bool('keep', False, 'Keep the copy the blocks ran in (its path is printed).')
 
 # Text a block starts with that sets up the environment this script already runs in.
@@ -108,10 +123,11 @@ def main(argv):
   }
   results = []
   total = time.perf_counter()
-  for line, text in blocks((REPO / 'README.md').read_text()):
+  every = [(page, *b) for page in PAGES for b in blocks((REPO / page).read_text())]
+  for page, line, text in every:
     script, note = prepare(text, steps)
     if script is None:
-      print(f'README line {line}: skipped: {note}', flush=True)
+      print(f'{page} line {line}: skipped: {note}', flush=True)
       continue
     start = time.perf_counter()
     out = subprocess.run(
@@ -125,7 +141,7 @@ def main(argv):
     ok = out.returncode == 0
     results.append(ok)
     print(
-      f'README line {line}: {"ok" if ok else "FAILED"} in {seconds:.0f} s'
+      f'{page} line {line}: {"ok" if ok else "FAILED"} in {seconds:.0f} s'
       + (f' ({note})' if note else ''),
       flush=True,
     )

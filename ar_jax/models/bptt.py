@@ -35,7 +35,7 @@ def matmul(a, b, dtype, contracting):
 
   The state and gates are float32, so a float32 result costs nothing; and XLA:CPU runs
   bf16 x bf16 -> float32 on the AMX units, while a bf16 result takes a path slower than
-  float32 (about 2.5x and 0.9x float32's speed at these shapes).
+  float32's (bench/rnn_cpu.py; docs/benchmarks.md).
   """
   return jax.lax.dot_general(
     a.astype(dtype),
@@ -69,9 +69,9 @@ def _forward(cell, unroll, dtype, x_TBD, w_DG, b_G, w_SG, b_h, carry0, keep_TB, 
   # The input projection of every time step, hoisted out of the loop: one large matmul. Its
   # bias is added in the loop, where it fuses into the gates instead of costing a pass.
   xz_TBG = matmul(x_TBD, w_DG, dtype, ((2,), (0,)))
-  # XLA:CPU runs the per-step [B, S] x [S, G] matmul about 10% faster against the kernel
-  # transposed in memory. Training pays for the transpose once per T steps; decoding calls
-  # this once per token, and XLA does not hoist the transpose out of its loop.
+  # XLA:CPU runs the per-step [B, S] x [S, G] matmul faster against the kernel transposed in
+  # memory. Training pays for the transpose once per T steps; decoding calls this once per
+  # token, and XLA does not hoist the transpose out of its loop.
   w_h, dims = (w_SG.T, _NT) if training else (w_SG, _NN)
   w_h = w_h.astype(dtype)  # cast once, outside the loop
 

@@ -123,9 +123,9 @@ def apply(
       key_b = None if key is None else jax.random.fold_in(jax.random.fold_in(key, m), i)
       return layer_fn(w_layer, x_b, aux_b, key_b, i), None
 
-    # Unrolled: a loop inside the vmapped stage made the whole step 1.4x slower on a CPU
-    # (bench/pipeline.py, GPipe with 8 microbatches: 1,119 against 783 ms). A stage holds L / S
-    # layers, so this compiles each of them once per stage rather than once in all.
+    # Unrolled: a loop inside the vmapped stage made the whole step slower on a CPU
+    # (bench/pipeline.py; docs/benchmarks.md). A stage holds L / S layers, so this compiles
+    # each of them once per stage rather than once in all.
     first = (r * S + s) * per
     return jax.lax.scan(layer, x_b, (w, first + jnp.arange(per)), unroll=True)[0]
 

@@ -165,9 +165,9 @@ def fit_law(
 
   The objective is the sum, not the mean, of the Huber losses, as in Besiroglu et al.: L-BFGS-B's
   gradient tolerance is absolute, and the mean's smaller gradient stops it early (on Chinchilla's
-  data at B = 685 instead of 2144). L-BFGS-B from all 4500 grid starts takes about 20 s, so the
-  grid is scored in one vectorised pass and L-BFGS-B runs from the n_starts best (None runs all;
-  64 take half a second); on Chinchilla's data the best start reaches the all-starts optimum.
+  data at B = 685 instead of 2144). L-BFGS-B from all 4500 grid starts is slow, so the grid
+  is scored in one vectorised pass and L-BFGS-B runs from the n_starts best (None runs all);
+  on Chinchilla's data the best start reaches the all-starts optimum.
   """
   logs = _logs(N, D, L, min_points=len(_PARAMS))
   return _law(_minimise(_screen(_grid_starts(grid), logs, delta, n_starts), logs, delta))
