@@ -148,7 +148,7 @@ def test_it_trains_evaluates_and_samples_through_the_real_trainer(tmp_path):
 def test_it_pipelines(case, tmp_path, tmp_path_factory):
   corpus = write_corpus(tmp_path / 'corpus.txt')
   mesh, microbatches, repeats, overrides = CASES[case]
-  base, base_loss, initial = unpipelined(__name__, 'float32', corpus, tmp_path_factory)
+  base, base_loss, initial = unpipelined(__name__, 'float32', 4, corpus, tmp_path_factory)
   state, loss, _ = one_step(
     config(corpus, __name__, mesh, microbatches, repeats), tmp_path, initial
   )

@@ -16,8 +16,8 @@ from ar_jax.parallel import pipeline
 from ar_jax.workdir import checkpoint
 from tests.helpers import family_config, one_step, write_corpus
 
-LAYERS = 8
 FAMILIES = models.available()
+WIDTH = 32  # every family's width fields (contract.Capabilities.width), for short compiles
 # (mesh, pipeline_microbatches, pipeline_repeats, other config): GPipe over the issue's
 # (stage, data) layouts and 1, 4 and 8 microbatches; the circular schedule; and the stages
 # beside fsdp and tensor, with accumulation and remat; and in mixed precision.
@@ -46,27 +46,34 @@ def corpus(tmp_path_factory):
   return write_corpus(tmp_path_factory.mktemp('corpus') / 'corpus.txt')
 
 
-def config(corpus, family, mesh=None, microbatches=0, repeats=1, **overrides):
-  """The family's TINY model with a scanned stack of LAYERS blocks."""
-  depth = models.capabilities(family).depth
-  stack = {f'model.{depth}': LAYERS, 'model.scan_layers': True}
+def depth(mesh=None, repeats=1) -> int:
+  """Blocks in the stack: 4, or as many groups as the schedule needs."""
+  return max(4, (mesh or {}).get('stage', 1) * repeats)
+
+
+def config(corpus, family, mesh=None, microbatches=0, repeats=1, layers=0, **overrides):
+  """The family's TINY model, WIDTH wide, with a scanned stack of `layers` blocks (default:
+  depth(mesh, repeats))."""
+  capabilities = models.capabilities(family)
+  stack = {f'model.{capabilities.depth}': layers or depth(mesh, repeats), 'model.scan_layers': True}
+  stack |= {f'model.{w}': WIDTH for w in capabilities.width}
   c = family_config(corpus, family, batch_size=32, **{**stack, **overrides})
   c.mesh.update({'data': 1, **(mesh or {})})
   c.pipeline_microbatches, c.pipeline_repeats = microbatches, repeats
   return c
 
 
-_unpipelined: dict[tuple[str, str], tuple] = {}
+_unpipelined: dict[tuple[str, str, int], tuple] = {}
 
 
-def unpipelined(family, dtype, corpus, tmp_path_factory):
-  """(state after one step, its loss, the initial state) on one device, once per family and
-  compute dtype."""
-  if (family, dtype) not in _unpipelined:
-    workdir = tmp_path_factory.mktemp(f'{family}_{dtype}_unpipelined')
-    cfg = config(corpus, family, **{'model.dtype': dtype})
-    _unpipelined[family, dtype] = one_step(cfg, workdir)
-  return _unpipelined[family, dtype]
+def unpipelined(family, dtype, layers, corpus, tmp_path_factory):
+  """(state after one step, its loss, the initial state) on one device, once per family,
+  compute dtype and depth."""
+  if (family, dtype, layers) not in _unpipelined:
+    workdir = tmp_path_factory.mktemp(f'{family}_{dtype}_{layers}_unpipelined')
+    cfg = config(corpus, family, layers=layers, **{'model.dtype': dtype})
+    _unpipelined[family, dtype, layers] = one_step(cfg, workdir)
+  return _unpipelined[family, dtype, layers]
 
 
 def stacked(run) -> list[bool]:
@@ -84,12 +91,13 @@ def stacked(run) -> list[bool]:
 def test_the_pipelined_step_equals_the_unpipelined_one(
   family, case, corpus, tmp_path, tmp_path_factory
 ):
-  """And, on the first layout: the devices of stage s hold layers 2s and 2s + 1 of every
-  stacked parameter (and of its optimizer moments) and nothing of the other stages' layers;
-  the state saved under four stages restores unpipelined with identical values."""
+  """And, on the first layout: the devices of stage s hold layer s of every stacked parameter
+  (and of its optimizer moments) and nothing of the other stages' layers; the state saved
+  under four stages restores unpipelined with identical values."""
   mesh, microbatches, repeats, overrides = CASES[case]
   dtype = overrides.get('model.dtype', 'float32')
-  base, base_loss, initial = unpipelined(family, dtype, corpus, tmp_path_factory)
+  layers = depth(mesh, repeats)
+  base, base_loss, initial = unpipelined(family, dtype, layers, corpus, tmp_path_factory)
   cfg = config(corpus, family, mesh, microbatches, repeats, **overrides)
   state, loss, _ = one_step(cfg, tmp_path, initial)
   assert loss == pytest.approx(base_loss, rel=1e-5)
@@ -112,11 +120,11 @@ def test_the_pipelined_step_equals_the_unpipelined_one(
   for x in leaves:
     for shard in x.addressable_shards:
       s = stage_of[shard.device]
-      assert shard.index[0] == slice(2 * s, 2 * s + 2), (x.shape, shard.index)
+      assert shard.index[0] == slice(s, s + 1), (x.shape, shard.index)
 
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=1) as saver:
     saver.save(1, state, {'next_index': 1}, {})
-  other = config(corpus, family)
+  other = config(corpus, family, layers=layers)
   run = run_lib.setup(other, str(tmp_path))
   abstract, _ = state_lib.abstract_state(run.model, run.tx, run.mesh, other)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=1) as reader:
@@ -152,7 +160,7 @@ def test_compile_only_reports_each_stage(corpus, tmp_path):
 @pytest.mark.parametrize(
   'family, mesh, microbatches, repeats, overrides, message',
   [
-    ('transformer', {'stage': 4}, 0, 1, {'model.num_layers': 6}, '6 layers do not split'),
+    ('transformer', {'stage': 4}, 0, 1, {'layers': 6}, '6 layers do not split'),
     ('transformer', {'stage': 2}, 0, 1, {'model.scan_layers': False}, 'model.scan_layers=True'),
     ('transformer', {'stage': 4}, 2, 2, {}, 'needs pipeline_microbatches >= mesh.stage'),
     ('transformer', {'stage': 4, 'data': 2}, 32, 1, {}, 'does not split into 32 pipeline'),
